@@ -1,0 +1,1 @@
+"""MiniMind's shared package: the model, its configuration, datasets and the training engine."""
