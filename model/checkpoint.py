@@ -133,3 +133,26 @@ def load_model(path, device="cpu", dtype=None, **shape) -> Transformer:
         model.tie_weights()
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
+DEFAULT_TOKENIZER = str(Path(__file__).resolve().parent / "minimind_tokenizer")
+
+
+def add_model_args(parser, default_model=None):
+    """The flags every inference script shares: which weights, which tokenizer, and shape hints for v1 files."""
+    parser.add_argument("--model", default=default_model, required=default_model is None,
+                        help="our .pth (shape from its .json sidecar), a published v1 .pth, or an exported folder")
+    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer folder (default: the shipped one)")
+    parser.add_argument("--dim", type=int, default=None, help="shape of a v1 .pth without sidecar (else inferred)")
+    parser.add_argument("--n_layers", type=int, default=None, help="shape of a v1 .pth without sidecar")
+    parser.add_argument("--use_moe", action="store_true", default=None, help="the v1 .pth is a MoE model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def load_model_and_tokenizer(args):
+    """Model (eval mode, on args.device) and tokenizer from the flags of add_model_args."""
+    from transformers import AutoTokenizer
+    model = load_model(args.model, device=args.device, dim=args.dim, n_layers=args.n_layers, use_moe=args.use_moe)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    return model, tokenizer
