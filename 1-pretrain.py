@@ -1,0 +1,29 @@
+"""Stage 1, pretraining: learn to continue text by next-token prediction over a JSONL corpus."""
+from model.LMConfig import LMConfig
+from model.model import Transformer
+from model import trainer as T
+
+DATA_HOW = "python data_process.py pretrain --input RAW.jsonl --output dataset/pretrain_data.jsonl"
+
+
+def main():
+    p = T.stage_parser(__doc__, lr=2e-4, epochs=1, batch_size=32, data_path="dataset/pretrain_data.jsonl",
+                       warmup_iters=0)
+    p.add_argument("--init", default=None, help="continue from this checkpoint instead of random weights")
+    args = p.parse_args()
+    T.require_data(args.data_path, DATA_HOW)
+    rt = T.Runtime(args)
+    if args.init:
+        model = T.init_model(args, args.init, "python 1-pretrain.py")
+    else:
+        model = Transformer(LMConfig(**{"dim": 512, "n_layers": 8, **T.shape_overrides(args)},
+                                     max_seq_len=args.max_seq_len))
+    from model.dataset import PretrainDataset, collate_pad
+    tokenizer = T.load_tokenizer(args)
+    dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    out = T.Path(args.out_dir) / T.weights_name("pretrain", model.config)
+    T.Trainer(args, rt, model, dataset, collate_pad, out).fit()
+
+
+if __name__ == "__main__":
+    T.run(main)

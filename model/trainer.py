@@ -1,0 +1,580 @@
+"""The one training engine behind every stage script: flags, device/dtype/distributed set-up, the data order,
+gradient accumulation, the LR schedule, logging, and checkpoints that resume exactly where training stopped."""
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, atomic_write, save_weights, DEFAULT_TOKENIZER
+
+
+class TrainError(Exception):
+    """A user-facing problem (bad flag, missing file, shape mismatch): printed as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------- flags
+
+def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=512, dtype="bfloat16",
+                 accumulation_steps=1, warmup_iters=0, save_interval=100, log_interval=10):
+    """The seed's training flags plus model shape, --max_steps, --resume, --deepspeed and --init."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out_dir", default="out", help="where weights, training state and logs go")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch_size", type=int, default=batch_size, help="samples per process per micro-batch")
+    p.add_argument("--learning_rate", type=float, default=lr, help="peak LR; cosine decay to a tenth of it")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"],
+                   help="autocast precision (weights stay fp32; GradScaler only for float16)")
+    p.add_argument("--use_wandb", action="store_true")
+    p.add_argument("--wandb_project", default="MiniMind")
+    p.add_argument("--num_workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--data_path", default=data_path)
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+    p.add_argument("--ddp", action="store_true", help="kept for the seed's commands; distributed mode is "
+                   "detected from the torchrun/deepspeed environment")
+    p.add_argument("--accumulation_steps", type=int, default=accumulation_steps)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--warmup_iters", type=int, default=warmup_iters)
+    p.add_argument("--log_interval", type=int, default=log_interval)
+    p.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between saves")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by launchers")
+    p.add_argument("--dim", type=int, default=None, help="model width (default 512, or the --init checkpoint's)")
+    p.add_argument("--n_layers", type=int, default=None, help="layers (default 8, or the --init checkpoint's)")
+    p.add_argument("--n_heads", type=int, default=None)
+    p.add_argument("--n_kv_heads", type=int, default=None)
+    p.add_argument("--use_moe", action="store_true", default=None)
+    p.add_argument("--max_seq_len", type=int, default=max_seq_len, help="samples are truncated to this many tokens")
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    p.add_argument("--resume", action="store_true", help="continue from the latest good state in --out_dir")
+    p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config file, or a ZeRO stage number")
+    p.add_argument("--seed", type=int, default=1337)
+    return p
+
+
+def shape_overrides(args):
+    return {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "use_moe")
+            if getattr(args, k, None) is not None}
+
+
+def weights_name(prefix, config):
+    """The seed's file names: pretrain_512.pth, full_sft_512_moe.pth, rl_512.pth, ..."""
+    return f"{prefix}_{config.dim}{'_moe' if config.use_moe else ''}.pth"
+
+
+def init_model(args, init, made_by):
+    """The starting model of a stage: the --init checkpoint, whose shape the shape flags must agree with."""
+    from .checkpoint import load_model
+    path = Path(init)
+    if not path.exists():
+        raise TrainError(f"--init checkpoint {path} not found; it is made by `{made_by}` "
+                         "(or pass --init with another checkpoint)")
+    model = load_model(path)
+    for field, wanted in shape_overrides(args).items():
+        have = getattr(model.config, field)
+        if bool(have) != bool(wanted) if field == "use_moe" else have != wanted:
+            raise TrainError(f"--{field} {wanted} does not match the --init checkpoint {path} ({field} {have}); "
+                             f"drop the flag or pick another checkpoint")
+    model.config.max_seq_len = max(model.config.max_seq_len, args.max_seq_len)
+    return model
+
+
+def default_init(args, prefix):
+    """The previous stage's file in --out_dir for the requested shape (dim 512, dense, by default)."""
+    dim = args.dim or 512
+    return str(Path(args.out_dir) / f"{prefix}_{dim}{'_moe' if args.use_moe else ''}.pth")
+
+
+def require_data(path, how):
+    if not Path(path).is_file():
+        raise TrainError(f"data file {path} not found; make it with `{how}` or pass --data_path")
+
+
+# ----------------------------------------------------------------------------- distributed and precision
+
+class Runtime:
+    """Where this process runs: rank, world size, device, autocast context."""
+
+    def __init__(self, args):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.distributed = self.world_size > 1
+        device = args.device
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise TrainError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+            if self.distributed:
+                device = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(device)
+        self.device = torch.device(device)
+        if self.distributed and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if args.deepspeed:
+                import deepspeed
+                if self.device.type == "cpu":
+                    # DeepSpeed's shared-memory allreduce kernel is compiled on first use (minutes on a small
+                    # CPU); plain gloo does the same job for models of this size
+                    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+                deepspeed.init_distributed(dist_backend=backend)
+            else:
+                dist.init_process_group(backend=backend)
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        if self.dtype == torch.float16 and self.device.type == "cpu":
+            raise TrainError("--dtype float16 needs a GPU; on CPU use bfloat16 or float32")
+        self.autocast = (nullcontext() if self.dtype == torch.float32 else
+                         torch.autocast(device_type=self.device.type, dtype=self.dtype))
+        self.is_main = self.rank == 0
+
+    def all_reduce_sum(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        if self.distributed:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def print(self, *a, **k):
+        if self.is_main:
+            print(*a, **k, flush=True)
+
+
+def lr_at(step, total_steps, peak_lr, warmup_iters):
+    """Linear warmup, then cosine decay from the peak to a tenth of it (the seed's floor)."""
+    if step < warmup_iters:
+        return peak_lr * (step + 1) / warmup_iters
+    progress = (step - warmup_iters) / max(1, total_steps - warmup_iters)
+    min_lr = peak_lr / 10
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- the data order
+
+def epoch_order(n, seed, epoch):
+    """The global sample order of one epoch: the same on every rank and every run with this seed."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def step_chunks(order, start, global_batch, n_chunks):
+    """The samples of the optimizer step starting at `start`, split into n_chunks micro-batches (rank-major
+    within each micro step). Fewer samples at the end of an epoch leave some chunks empty."""
+    indices = order[start:start + global_batch]
+    return [c.tolist() for c in np.array_split(indices, n_chunks)]
+
+
+# ----------------------------------------------------------------------------- losses
+
+def token_loss(model, batch, autocast):
+    """Summed next-token cross-entropy over target tokens, with the count it is summed over."""
+    with autocast:
+        out = model(input_ids=batch["input_ids"])
+    logits, labels = out.logits, batch["labels"]
+    targets = labels[:, 1:].masked_fill(labels[:, 1:] == 0, -100)
+    loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+    aux = getattr(out, "aux_loss", None)
+    return loss_sum, aux, {}
+
+
+def token_count(batch):
+    labels = batch["labels"][:, 1:]
+    return int(((labels != -100) & (labels != 0)).sum())
+
+
+def sequence_logps(model, input_ids, labels, autocast):
+    """Sum of log-probabilities of the target tokens of each sequence."""
+    with autocast:
+        logits = model(input_ids=input_ids).logits
+    targets = labels[:, 1:].masked_fill(labels[:, 1:] == 0, -100)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    mask = targets != -100
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+# ----------------------------------------------------------------------------- training state
+
+class StateFiles:
+    """`<stem>.state.pt` is the latest good training state, `<stem>.state.prev.pt` the one before it.
+    A new state is written to a temporary file and renamed in; the previous one survives until then."""
+
+    def __init__(self, out_dir, stem):
+        self.latest = Path(out_dir) / f"{stem}.state.pt"
+        self.previous = Path(out_dir) / f"{stem}.state.prev.pt"
+
+    def save(self, state):
+        tmp = self.latest.with_suffix(".tmp")
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if self.latest.exists():
+            os.replace(self.latest, self.previous)
+        os.replace(tmp, self.latest)
+
+    def load(self, say):
+        for path in (self.latest, self.previous):
+            if not path.exists():
+                continue
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+                if not isinstance(state, dict) or state.get("format") != "minimind-train-state-1":
+                    raise ValueError("not a training state written by this engine")
+                if path == self.previous:
+                    say(f"resume: the latest state {self.latest.name} is missing or unreadable; "
+                        f"using the previous one {path.name} (step {state['step']})")
+                return state
+            except Exception as e:
+                say(f"resume: {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); trying the previous state")
+        return None
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- the engine
+
+class Trainer:
+    """Runs one stage. The stage script provides the model, the dataset, the loss and what to save."""
+
+    def __init__(self, args, runtime, model, dataset, collate, out_weights, *, loss_fn=token_loss,
+                 count_fn=token_count, trainable=None, save_fn=save_weights, metric_names=()):
+        self.args, self.rt = args, runtime
+        self.dataset, self.collate = dataset, collate
+        self.loss_fn, self.count_fn = loss_fn, count_fn
+        self.out_weights = Path(out_weights)
+        self.stem = self.out_weights.stem
+        self.save_fn = save_fn
+        self.metric_names = metric_names
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        self.states = StateFiles(args.out_dir, self.stem)
+        self.metrics_path = self.out_weights.with_name(f"{self.stem}.metrics.jsonl")
+        self.plot_path = self.out_weights.with_name(f"{self.stem}.loss.png")
+        if args.accumulation_steps < 1 or args.batch_size < 1:
+            raise TrainError("--batch_size and --accumulation_steps must be at least 1")
+        if len(dataset) == 0:
+            raise TrainError(f"{args.data_path}: the data file has no samples")
+
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        self.model = model.to(runtime.device)
+        params = [p for p in (trainable if trainable is not None else model.parameters()) if p.requires_grad]
+        self.params = params
+        self.global_batch = args.batch_size * args.accumulation_steps * runtime.world_size
+        self.steps_per_epoch = math.ceil(len(dataset) / self.global_batch)
+        self.total_steps = self.steps_per_epoch * args.epochs
+        if args.max_steps is not None:
+            self.total_steps = min(self.total_steps, args.max_steps)
+        self.ds_engine = None
+        if args.deepspeed:
+            self._init_deepspeed(params)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+            self.scaler = torch.amp.GradScaler(enabled=runtime.dtype == torch.float16)
+            self.wrapped = model
+            if runtime.distributed:
+                from torch.nn.parallel import DistributedDataParallel
+                ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+                self.wrapped = DistributedDataParallel(
+                    model, device_ids=ids, find_unused_parameters=bool(getattr(model.config, "use_moe", False)))
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.stop_requested = False
+        self.wandb = None
+
+    # -- set-up helpers
+
+    def _init_deepspeed(self, params):
+        import deepspeed
+        a, rt = self.args, self.rt
+        if Path(a.deepspeed).is_file():
+            config = json.loads(Path(a.deepspeed).read_text())
+        elif a.deepspeed.isdigit():
+            config = {"zero_optimization": {"stage": int(a.deepspeed)}}
+        else:
+            raise TrainError(f"--deepspeed {a.deepspeed}: neither a config file nor a ZeRO stage number")
+        config.update(train_micro_batch_size_per_gpu=a.batch_size, gradient_accumulation_steps=a.accumulation_steps,
+                      gradient_clipping=a.grad_clip, zero_allow_untested_optimizer=True)
+        config.pop("train_batch_size", None)
+        config["bf16"] = {"enabled": rt.dtype == torch.bfloat16}
+        config["fp16"] = {"enabled": rt.dtype == torch.float16}
+        optimizer = torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=0.0)
+        self.ds_engine, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
+                                                                    config=config)
+        self.wrapped = self.ds_engine
+        self.scaler = None
+        # DeepSpeed runs the model in bf16/fp16 itself; our autocast would only add casts
+        self.rt.autocast = nullcontext()
+
+    def _install_signal_handlers(self):
+        def request_stop(signum, frame):
+            self.stop_requested = True
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+
+    # -- checkpointing
+
+    def _unwrapped(self):
+        return self.model
+
+    def save(self, final=False):
+        """Weights under the seed's name, plus (unless final) the full state for --resume. Rank 0 writes."""
+        rt = self.rt
+        rngs = [rng_state()]
+        if rt.distributed:
+            rngs = [None] * rt.world_size
+            dist.all_gather_object(rngs, rng_state())
+        if self.ds_engine is not None:
+            self.ds_engine.save_checkpoint(str(Path(self.args.out_dir) / f"{self.stem}.deepspeed"),
+                                           tag="latest_state")
+        if rt.is_main:
+            self.save_fn(self.model, self.out_weights)
+            state = {
+                "format": "minimind-train-state-1",
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": None if self.ds_engine is not None else self.optimizer.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "step": self.step, "epoch": self.epoch, "position": self.position,
+                "world_size": rt.world_size, "global_batch": self.global_batch,
+                "total_steps": self.total_steps, "rng": rngs, "seed": self.args.seed,
+                "deepspeed": self.ds_engine is not None,
+            }
+            self.states.save(state)
+        rt.barrier()
+
+    def try_resume(self):
+        rt, a = self.rt, self.args
+        state = self.states.load(rt.print)
+        if state is None:
+            rt.print(f"resume: no training state for {self.stem} in {a.out_dir}; starting from the beginning")
+            return
+        self.model.load_state_dict(state["model"])
+        if self.ds_engine is not None:
+            self.ds_engine.load_checkpoint(str(Path(a.out_dir) / f"{self.stem}.deepspeed"), tag="latest_state",
+                                           load_module_strict=False)
+        elif state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        if state["world_size"] == rt.world_size:
+            set_rng_state(state["rng"][rt.rank])
+        else:
+            rt.print(f"resume: the state was written by {state['world_size']} process(es), this run has "
+                     f"{rt.world_size}. The global sample order is unchanged and continues at sample "
+                     f"{self.position} of epoch {self.epoch}; only the split of each step across processes "
+                     f"and the global batch ({state['global_batch']} -> {self.global_batch}) change. "
+                     "Random states are re-seeded per rank.")
+            torch.manual_seed(a.seed + 1000 * self.step + rt.rank)
+        rt.print(f"resume: continuing {self.stem} at step {self.step} (epoch {self.epoch}, sample {self.position})")
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step):
+        if not (self.rt.is_main and self.metrics_path.exists()):
+            return
+        kept = [l for l in self.metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in kept)))
+
+    # -- the loop
+
+    def _micro_batches(self, order):
+        """This rank's micro-batches of the current step: (batch, weight) with weight 0 for padding chunks."""
+        rt, a = self.rt, self.args
+        chunks = step_chunks(order, self.position, self.global_batch, a.accumulation_steps * rt.world_size)
+        mine = [chunks[m * rt.world_size + rt.rank] for m in range(a.accumulation_steps)]
+        batches = []
+        for chunk in mine:
+            real = len(chunk) > 0
+            items = [self.dataset[i] for i in (chunk if real else order[:1].tolist())]
+            batch = {k: v.to(rt.device) if torch.is_tensor(v) else v for k, v in self.collate(items).items()}
+            batches.append((batch, 1.0 if real else 0.0))
+        n_samples = sum(len(c) for c in chunks)
+        return batches, n_samples
+
+    def fit(self):
+        a, rt = self.args, self.rt
+        if a.resume:
+            self.try_resume()
+        elif rt.is_main and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        self._install_signal_handlers()
+        if a.use_wandb and rt.is_main:
+            import wandb
+            self.wandb = wandb.init(project=a.wandb_project, name=self.stem, config=vars(a))
+        rt.print(f"{self.stem}: {len(self.dataset)} samples, global batch {self.global_batch} "
+                 f"({rt.world_size} process(es) x {a.batch_size} x {a.accumulation_steps} accumulation), "
+                 f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps in total, "
+                 f"{sum(p.numel() for p in self.params) / 1e6:.3f}M trainable parameters, {a.dtype} on {rt.device}")
+        self.model.train()
+        t0, tokens_since, t_last = time.time(), 0, time.time()
+        steps_at_start = self.step
+        while self.step < self.total_steps and self.epoch < a.epochs:
+            order = epoch_order(len(self.dataset), a.seed, self.epoch)
+            while self.position < len(order) and self.step < self.total_steps:
+                metrics, n_tokens = self._train_step(order)
+                tokens_since += n_tokens
+                self.step += 1
+                if self.step % a.log_interval == 0 or self.step == self.total_steps or self.step == 1:
+                    now = time.time()
+                    tok_s = tokens_since / max(now - t_last, 1e-9)
+                    done = self.step - steps_at_start
+                    eta = (now - t0) / max(done, 1) * (self.total_steps - self.step)
+                    self._log(metrics, tok_s, eta)
+                    tokens_since, t_last = 0, now
+                stop = self._agree_to_stop()
+                if self.step % a.save_interval == 0 or stop:
+                    self.save()
+                if stop:
+                    rt.print(f"stopped by signal at step {self.step}; resume with --resume")
+                    return False
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        self.save()
+        if rt.is_main:
+            self.plot()
+            rt.print(f"{self.stem}: done in {time.time() - t0:.1f}s -> {self.out_weights}")
+        if self.wandb is not None:
+            self.wandb.finish()
+        return True
+
+    def _agree_to_stop(self):
+        if not self.rt.distributed:
+            return self.stop_requested
+        return self.rt.all_reduce_sum([float(self.stop_requested)])[0] > 0
+
+    def _train_step(self, order):
+        a, rt = self.args, self.rt
+        lr = lr_at(self.step, self.total_steps, a.learning_rate, a.warmup_iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches, n_samples = self._micro_batches(order)
+        local_count = sum(self.count_fn(b) * w for b, w in batches)
+        global_count = max(rt.all_reduce_sum([local_count])[0], 1.0)
+        # each micro-batch's loss is its summed loss over the global count, so gradients (averaged across
+        # ranks by DDP/DeepSpeed) equal those of one process seeing the whole global batch
+        scale = rt.world_size / global_count
+        sums = {"loss": 0.0}
+        n_tokens = 0
+        for i, (batch, weight) in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = nullcontext() if (last or not rt.distributed or self.ds_engine is not None) \
+                else self.wrapped.no_sync()
+            with sync:
+                loss_sum, aux, extra = self.loss_fn(self.wrapped, batch, rt.autocast)
+                loss = loss_sum * scale * weight
+                if aux is not None:
+                    loss = loss + aux * weight / len(batches)
+                if self.ds_engine is not None:
+                    self.ds_engine.backward(loss, scale_wrt_gas=False)
+                    self.ds_engine.step()
+                else:
+                    self.scaler.scale(loss).backward()
+            sums["loss"] += float(loss_sum.detach()) * weight
+            for k, v in extra.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * weight
+            n_tokens += sum(int((v != 0).sum()) for k, v in batch.items() if k.endswith("input_ids")) * int(weight)
+        if self.ds_engine is None:
+            if a.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, a.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        keys = sorted(sums)
+        totals = rt.all_reduce_sum([sums[k] for k in keys] + [float(n_tokens)])
+        metrics = {k: v / global_count for k, v in zip(keys, totals[:-1])}
+        metrics["lr"] = lr
+        self.position += n_samples
+        return metrics, int(totals[-1])
+
+    def _log(self, metrics, tok_s, eta):
+        if not self.rt.is_main:
+            return
+        record = {"step": self.step, "epoch": self.epoch, **metrics, "tokens_per_s": round(tok_s, 1),
+                  "time": round(time.time(), 3)}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        extra = "".join(f" {k} {metrics[k]:.4f}" for k in self.metric_names if k in metrics)
+        print(f"{self.stem} step {self.step}/{self.total_steps} epoch {self.epoch + 1}/{self.args.epochs} "
+              f"loss {metrics['loss']:.4f}{extra} lr {metrics['lr']:.3e} {tok_s:.0f} tok/s "
+              f"eta {eta / 60:.1f} min", flush=True)
+        if self.wandb is not None:
+            self.wandb.log(record, step=self.step)
+
+    def plot(self):
+        plot_metrics(self.metrics_path, self.plot_path, title=self.stem)
+
+
+def plot_metrics(metrics_path, png_path, title):
+    """Loss against step from a metrics file, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in Path(metrics_path).read_text().splitlines() if l.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def run(main):
+    """Run a stage's main(); user errors become one line on stderr and exit code 2."""
+    user_errors = (TrainError, CheckpointError)
+    try:
+        from .dataset import DataError
+        user_errors += (DataError,)
+    except ImportError:
+        pass
+    try:
+        main()
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def load_tokenizer(args):
+    from transformers import AutoTokenizer
+    if not Path(args.tokenizer).is_dir():
+        raise TrainError(f"tokenizer folder {args.tokenizer} not found; the shipped one is model/minimind_tokenizer "
+                         "(or train one with `python train_tokenizer.py`)")
+    return AutoTokenizer.from_pretrained(args.tokenizer)
+
+
+def pad_cat(a, b, value=0):
+    """Stack two right-padded batches into one, padding the shorter to the longer length."""
+    width = max(a.shape[1], b.shape[1])
+    return torch.cat([F.pad(a, (0, width - a.shape[1]), value=value),
+                      F.pad(b, (0, width - b.shape[1]), value=value)])
