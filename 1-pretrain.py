@@ -1,6 +1,4 @@
 """Stage 1, pretraining: learn to continue text by next-token prediction over a JSONL corpus."""
-from model.LMConfig import LMConfig
-from model.model import Transformer
 from model import trainer as T
 
 DATA_HOW = "python data_process.py pretrain --input RAW.jsonl --output dataset/pretrain_data.jsonl"
@@ -16,8 +14,7 @@ def main():
     if args.init:
         model = T.init_model(args, args.init, "python 1-pretrain.py")
     else:
-        model = Transformer(LMConfig(**{"dim": 512, "n_layers": 8, **T.shape_overrides(args)},
-                                     max_seq_len=args.max_seq_len))
+        model = T.new_model(args, dim=512, n_layers=8)
     from model.dataset import PretrainDataset, collate_pad
     tokenizer = T.load_tokenizer(args)
     dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len)

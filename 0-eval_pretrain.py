@@ -1,0 +1,34 @@
+"""Let a pretrained (not yet chat-tuned) model continue text: a quick look at what pretraining taught it."""
+import argparse
+
+from model.checkpoint import add_model_args
+from model.evaluation import add_sampling_args, load_or_exit, read_prompts, sampling_kwargs
+from model.generate import Engine
+
+DEMO_PROMPTS = [
+    "长江是中国", "泰山位于", "世界上最高的山峰是", "牛顿提出了", "大熊猫主要吃", "人工智能的发展",
+    "The longest river in China is", "Water is made of",
+]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    add_model_args(p, default_model="out/pretrain_512.pth")
+    add_sampling_args(p, max_new_tokens=128)
+    p.add_argument("--prompts", default=None, help="file of prompts: one per line, or JSONL with a prompt/text field")
+    args = p.parse_args(argv)
+
+    model, tokenizer = load_or_exit(args)
+    engine = Engine(model, tokenizer)
+    budget = max(model.config.max_seq_len - args.max_new_tokens, 1)
+    for prompt in read_prompts(args.prompts) if args.prompts else DEMO_PROMPTS:
+        # pretraining documents start with <s>, so a continuation starts from the same state
+        ids = tokenizer.encode(tokenizer.bos_token + prompt, add_special_tokens=False)[-budget:]
+        print(f"Q: {prompt}\nA: {prompt}", end="", flush=True)
+        for piece in engine.stream(ids, **sampling_kwargs(args)):
+            print(piece, end="", flush=True)
+        print("\n")
+
+
+if __name__ == "__main__":
+    main()

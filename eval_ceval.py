@@ -1,0 +1,72 @@
+"""C-Eval: pick the letter A-D whose next-token probability is highest after the chat-formatted question."""
+
+import argparse
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import add_model_args
+from model.evaluation import (checked, format_table, load_or_exit, read_ceval_dir, score_questions, summarize,
+                              write_results)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+DETAILS = """\
+Data: a folder of per-subject CSVs with columns id,question,A,B,C,D,answer (`{subject}_val.csv` or any
+*.csv). The default, dataset/ceval/val, is where the real C-Eval `val` split goes (unzip the ceval-exam
+archive into dataset/ceval/: 52 subjects, 1346 questions); the demo world writes its MCQ files to
+dataset/demo/ceval. Cells are stripped of stray whitespace and an empty option stays empty. A row
+without an answer is still scored and written to the result CSV, but not counted in the accuracy; the
+tables and summary.json report how many there were ("unanswerable"). An answer other than A-D is an error
+naming the file and line.
+Scoring: the user message is model.dataset.format_mcq(question, [A, B, C, D]) in the chat template, followed
+by the assistant header; prob_A..prob_D are the next-token probabilities of the four letters renormalised over
+them, letter_mass their share of all tokens, and the prediction the most likely letter. A prompt longer than
+the model's max_seq_len keeps its end (options and header); the count is reported. No sampling: runs repeat.
+Writes {out_dir}/{subject}.csv (id, answer, prediction, correct, prob_A..prob_D, letter_mass) and
+{out_dir}/summary.json, and prints per-subject and total tables.
+"""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, epilog=DETAILS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, default_model="out/full_sft_512.pth")
+    p.add_argument("--data_dir", default="dataset/ceval/val", help="folder of C-Eval CSVs (default: %(default)s)")
+    p.add_argument("--out_dir", default="out/ceval", help="where result CSVs and summary.json go")
+    p.add_argument("--batch_size", type=checked(int, lambda v: v >= 1, ">= 1"), default=8)
+    p.add_argument("--limit", type=checked(int, lambda v: v >= 1, ">= 1"), default=None,
+                   help="at most N questions per subject (quick runs)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    args = p.parse_args(argv)
+
+    try:
+        subjects = read_ceval_dir(args.data_dir, args.limit)
+    except ValueError as e:
+        hint = ("" if os.path.isdir(args.data_dir) else
+                " (put the C-Eval val CSVs there, or try --data_dir dataset/demo/ceval after the demo data is made)")
+        sys.exit(f"error: {e}{hint}")
+    model, tokenizer = load_or_exit(args)
+    model.to(DTYPES[args.dtype])
+
+    questions = [q for qs in subjects.values() for q in qs]
+    with tqdm(total=len(questions), desc="C-Eval", unit="q", file=sys.stderr) as bar:
+        results, info = score_questions(model, tokenizer, questions, args.batch_size, model.config.max_seq_len, bar)
+    by_subject, i = {}, 0
+    for name, qs in subjects.items():
+        by_subject[name], i = results[i:i + len(qs)], i + len(qs)
+
+    summary = summarize(by_subject)
+    summary.update(model=str(args.model), data_dir=str(args.data_dir), **info)
+    write_results(args.out_dir, by_subject, summary)
+    print(format_table(summary))
+    if info["truncated_prompts"]:
+        print(f"{info['truncated_prompts']} prompt(s) longer than {model.config.max_seq_len} tokens kept their end")
+    print(f"results in {args.out_dir}/ (summary.json and one CSV per subject)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
