@@ -98,6 +98,7 @@ def new_model(args, **defaults):
         config = LMConfig(**{**defaults, **shape_overrides(args)}, max_seq_len=args.max_seq_len)
     except ValueError as e:
         raise TrainError(str(e)) from None
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and every launcher
     return Transformer(config)
 
 
@@ -327,7 +328,8 @@ class Trainer:
                 ids = [runtime.device.index] if runtime.device.type == "cuda" else None
                 self.wrapped = DistributedDataParallel(
                     model, device_ids=ids, find_unused_parameters=bool(getattr(model.config, "use_moe", False)))
-        self.step, self.epoch, self.position = 0, 0, 0
+        self.step, self.epoch, self.position, self.tokens_seen = 0, 0, 0, 0
+        self.saved_step = None
         self.stop_requested = False
         self.wandb = None
 
@@ -383,12 +385,13 @@ class Trainer:
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": None if self.ds_engine is not None else self.optimizer.state_dict(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
-                "step": self.step, "epoch": self.epoch, "position": self.position,
+                "step": self.step, "epoch": self.epoch, "position": self.position, "tokens_seen": self.tokens_seen,
                 "world_size": rt.world_size, "global_batch": self.global_batch,
                 "total_steps": self.total_steps, "rng": rngs, "seed": self.args.seed,
                 "deepspeed": self.ds_engine is not None,
             }
             self.states.save(state)
+        self.saved_step = self.step
         rt.barrier()
 
     def try_resume(self):
@@ -406,6 +409,7 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.tokens_seen = state.get("tokens_seen", 0)
         if state["world_size"] == rt.world_size:
             set_rng_state(state["rng"][rt.rank])
         else:
@@ -462,6 +466,7 @@ class Trainer:
             while self.position < len(order) and self.step < self.total_steps:
                 metrics, n_tokens = self._train_step(order)
                 tokens_since += n_tokens
+                self.tokens_seen += n_tokens
                 self.step += 1
                 if self.step % a.log_interval == 0 or self.step == self.total_steps or self.step == 1:
                     now = time.time()
@@ -478,7 +483,8 @@ class Trainer:
                     return False
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
-        self.save()
+        if self.saved_step != self.step:
+            self.save()  # (a save at this very step already holds it; a second would overwrite the previous state)
         if rt.is_main:
             self.plot()
             rt.print(f"{self.stem}: done in {time.time() - t0:.1f}s -> {self.out_weights}")
@@ -539,7 +545,8 @@ class Trainer:
     def _log(self, metrics, tok_s, eta):
         if not self.rt.is_main:
             return
-        record = {"step": self.step, "epoch": self.epoch, **metrics, "tokens_per_s": round(tok_s, 1),
+        record = {"step": self.step, "epoch": self.epoch, **metrics, "tokens": self.tokens_seen,
+                  "tokens_per_s": round(tok_s, 1),
                   "time": round(time.time(), 3)}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")

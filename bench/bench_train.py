@@ -1,0 +1,179 @@
+"""Training-step throughput of MiniMind against transformers' Llama of the same shape, measured in one process."""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from model.LMConfig import LMConfig  # noqa: E402
+from model.model import Transformer  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model and dtype before the rounds")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per model in each round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds alternating ours and the reference")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--matmul_n", type=int, default=2048, help="size of the square matmul that measures the peak")
+    p.add_argument("--profile", default=None, metavar="NAME:DTYPE",
+                   help="instead of the benchmark, profile one step of ours/ref in fp32/bf16, e.g. ours:bf16")
+    return p.parse_args()
+
+
+def describe_machine():
+    cpu = platform.processor() or "unknown"
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512f", "avx2", "avx_vnni")))
+    import transformers
+    print(f"machine : {cpu}; {os.cpu_count()} logical cores; torch threads {torch.get_num_threads()}; "
+          f"SIMD {' '.join(simd) or '?'}")
+    print(f"software: python {platform.python_version()}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
+    print(f"load    : {load_average()} (other processes on this machine slow every number alike)")
+
+
+def load_average():
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def autocast(dtype):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
+def build_reference(config: LMConfig):
+    """transformers' Llama with MiniMind's shape: same vocabulary, GQA, SwiGLU width, tied embeddings, sdpa."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
+                      num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+                      num_key_value_heads=config.n_kv_heads, rms_norm_eps=config.norm_eps,
+                      rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+                      max_position_embeddings=config.max_seq_len, tie_word_embeddings=True,
+                      attention_bias=False, mlp_bias=False, pad_token_id=0, use_cache=False)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
+
+
+def make_step(model, dtype, ids):
+    """One full training step: forward with loss, backward, AdamW update."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(dtype):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
+def matmul_flops(n, dtype, budget_s=3.0):
+    """FLOP/s of a large square matmul (best of a few within a time budget): the practical ceiling here."""
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
+    best, spent = float("inf"), 0.0
+    for i in range(4):  # the first call warms up; without native bf16 one call can take many seconds
+        t = time.perf_counter()
+        a @ b
+        took = time.perf_counter() - t
+        best, spent = (min(best, took) if i else took), spent + took
+        if spent > budget_s:
+            break
+    return 2 * n ** 3 / best
+
+
+def flops_per_token(config: LMConfig, n_params: int, seq: int):
+    """6 N for the weight matmuls (forward + backward) plus 12 L T d for attention scores and values
+    (the PaLM convention: full T x T, causal masking not subtracted)."""
+    return 6 * n_params + 12 * config.n_layers * seq * config.dim
+
+
+def profile_one(models, ids, which):
+    name, dtype = which.split(":")
+    step = make_step(models[name], dtype, ids)
+    step()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def main():
+    args = parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows up even when piped to a file
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    describe_machine()
+    torch.manual_seed(0)
+    config = LMConfig()
+    ours, ref = Transformer(config), build_reference(config)
+    ours.train()
+    ref.train()
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_ref = sum(p.numel() for p in ref.parameters())
+    assert n_ours == n_ref, (n_ours, n_ref)
+    ids = torch.randint(3, config.vocab_size, (args.batch, args.seq))
+    tokens = args.batch * args.seq
+    models = {"ours": ours, "ref": ref}
+    if args.profile:
+        return profile_one(models, ids, args.profile)
+    if args.compile:
+        models["ours+compile"] = torch.compile(ours)
+    print(f"model   : LMConfig() {n_ours:,} parameters (reference Llama {n_ref:,}); batch {args.batch} x "
+          f"seq {args.seq}; AdamW full step; warmup {args.warmup}, {args.rounds} rounds x {args.steps} steps")
+
+    fpt = flops_per_token(config, n_ours, args.seq)
+    results = {}
+    for dtype in args.dtypes.split(","):
+        peak = matmul_flops(args.matmul_n, dtype)
+        steps = {name: make_step(m, dtype, ids) for name, m in models.items()}
+        for name, step in steps.items():
+            for _ in range(args.warmup):
+                step()
+        times = {name: [] for name in steps}  # seconds of every timed step
+        for r in range(args.rounds):
+            peak = max(peak, matmul_flops(args.matmul_n, dtype, budget_s=1.0))  # the ceiling under today's load
+            for name, step in steps.items():  # alternate, so a change in machine load hits both
+                for _ in range(args.steps):
+                    t = time.perf_counter()
+                    step()
+                    times[name].append(time.perf_counter() - t)
+        print(f"\n[{dtype}] matmul {args.matmul_n}^3 (best of the rounds): {peak / 1e9:,.1f} GFLOP/s")
+        for name, ts in times.items():
+            best, median = tokens / min(ts), tokens / statistics.median(ts)
+            results[(dtype, name)] = (best, median)
+            print(f"  {name:13s} best {best:8,.0f} tokens/s, median {median:8,.0f}  "
+                  f"({tokens * fpt / min(ts) / 1e9:6.1f} GFLOP/s = {100 * best * fpt / peak:5.1f}% of matmul)")
+            print(f"  {'':13s} every step: {' '.join(f'{tokens / t:,.0f}' for t in ts)}")
+        for name in steps:
+            if name != "ref":
+                (b, m), (rb, rm) = results[(dtype, name)], results[(dtype, "ref")]
+                print(f"  ratio {name}/ref: {b / rb:.2f}x on best steps, {m / rm:.2f}x on medians")
+    print(f"\nload at end: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()

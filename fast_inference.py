@@ -1,0 +1,86 @@
+"""A web chat page for MiniMind (Streamlit): streamed answers, the conversation kept per browser session,
+sampling controls in the sidebar. Several open pages share one model and are decoded in one batch.
+
+    streamlit run fast_inference.py -- --model out/full_sft_512.pth
+"""
+import argparse
+import os
+import sys
+
+import streamlit as st
+import torch
+
+from model.checkpoint import DEFAULT_TOKENIZER, load_model
+from model.generate import Engine, SamplingParams, Scheduler
+
+
+def cli_args():
+    """Flags after `--` on the streamlit command line (unknown ones are ignored)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", default=os.environ.get("MINIMIND_MODEL", "out/full_sft_512.pth"))
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+    p.add_argument("--dim", type=int, default=None, help="shape of a published v1 .pth without sidecar")
+    p.add_argument("--n_layers", type=int, default=None)
+    p.add_argument("--use_moe", action="store_true", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--temperature", type=float, default=0.7, help="the sidebar's starting value")
+    return p.parse_known_args(sys.argv[1:])[0]
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+def load_scheduler(model_path, tokenizer_path, device, dim=None, n_layers=None, use_moe=None):
+    from transformers import AutoTokenizer
+    model = load_model(model_path, device=device, dim=dim, n_layers=n_layers, use_moe=use_moe)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    return Scheduler(Engine(model, tokenizer, max_batch=4))
+
+
+def sidebar(args):
+    with st.sidebar:
+        st.header("MiniMind")
+        model_path = st.text_input("Model (.pth or exported folder)", args.model, key="model_path")
+        tokenizer_path = st.text_input("Tokenizer folder", args.tokenizer, key="tokenizer_path")
+        params = SamplingParams(
+            temperature=st.slider("Temperature (0 = greedy)", 0.0, 2.0, args.temperature, 0.05, key="temperature"),
+            top_p=st.slider("Top-p", 0.05, 1.0, 0.9, 0.05, key="top_p"),
+            top_k=int(st.number_input("Top-k (0 = off)", 0, 6400, 0, key="top_k")),
+            max_new_tokens=int(st.number_input("Max new tokens (-1 = up to the context)", -1, 1 << 20, -1,
+                                               key="max_new_tokens")),
+            repetition_penalty=st.slider("Repetition penalty", 1.0, 2.0, 1.0, 0.05, key="repetition_penalty"),
+        )
+        multi_turn = st.toggle("Multi-turn (send the whole conversation)", True, key="multi_turn")
+        if st.button("Clear the conversation", key="clear"):
+            st.session_state.messages = []
+    return model_path, tokenizer_path, params, multi_turn
+
+
+def main():
+    st.set_page_config(page_title="MiniMind", page_icon="🤖")
+    args = cli_args()
+    st.session_state.setdefault("messages", [])
+    model_path, tokenizer_path, params, multi_turn = sidebar(args)
+
+    st.title("MiniMind 🤖")
+    try:
+        scheduler = load_scheduler(model_path, tokenizer_path, args.device, args.dim, args.n_layers, args.use_moe)
+    except Exception as e:  # a wrong path in the sidebar: say so, keep the page usable
+        st.error(f"Cannot load the model from {model_path!r}: {e}")
+        st.stop()
+    st.caption(f"{model_path} · context {scheduler.engine.max_len} tokens")
+
+    for m in st.session_state.messages:
+        with st.chat_message(m["role"]):
+            st.markdown(m["content"])
+
+    question = st.chat_input("Ask MiniMind something…")
+    if question:
+        st.session_state.messages.append({"role": "user", "content": question})
+        with st.chat_message("user"):
+            st.markdown(question)
+        history = st.session_state.messages if multi_turn else st.session_state.messages[-1:]
+        with st.chat_message("assistant"):
+            answer = st.write_stream(scheduler.stream(list(history), params))
+        st.session_state.messages.append({"role": "assistant", "content": answer or ""})
+
+
+main()

@@ -1,0 +1,458 @@
+"""Streaming converters from the real dataset formats to the processed files every stage reads."""
+
+import codecs
+import csv
+import json
+import os
+import re
+from collections import Counter
+from contextlib import contextmanager
+
+from tqdm import tqdm
+
+BOM = b"\xef\xbb\xbf"
+DEFAULT_MAX_LINE_BYTES = 4 << 20  # 4 MiB: far above any sane record, far below a memory problem
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(Exception):
+    """A data file is missing or unusable; the message names the file (and line) and what to do."""
+
+
+class BadRecord(Exception):
+    """One input record is unusable; `line` is set once known (fatal unless --skip-bad)."""
+
+    def __init__(self, problem, line=None):
+        super().__init__(problem)
+        self.problem, self.line = problem, line
+
+
+# Which command writes which processed file: used by every 'file not found' message.
+MAKE_COMMANDS = {
+    "demo": "python data_process.py demo",
+    "pretrain": "python data_process.py pretrain --input RAW.jsonl --output {path}",
+    "tokenizer": "python data_process.py tokenizer --input RAW.jsonl --output {path}",
+    "sft": "python data_process.py sft --input RAW.jsonl --output {path} [--multi-turn]",
+    "dpo": "python data_process.py dpo --input RAW.json --output {path}",
+}
+
+
+def missing_file_error(path, kind):
+    """A DataError for a processed data file that does not exist, naming the command that creates it."""
+    parts = os.path.normpath(str(path)).replace("\\", "/").split("/")
+    if "demo" in parts:
+        how = MAKE_COMMANDS["demo"]
+    else:
+        how = MAKE_COMMANDS[kind].format(path=path) + " (or make the demo data: python data_process.py demo)"
+    return DataError(f"{path}: file not found; create it with: {how} -- see dataset/README.md")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: (line, record, problem) triples, one record in memory at a time.
+
+
+def iter_jsonl(path, stats, max_line_bytes=DEFAULT_MAX_LINE_BYTES, progress=None):
+    """Yield (line_no, obj, problem) for each non-blank line; blank lines are only counted."""
+    with open(path, "rb") as f:
+        line_no = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                return
+            line_no += 1
+            nbytes = len(raw)
+            if nbytes > max_line_bytes and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # drain the monster line piece by piece
+                    raw = f.readline(1 << 20)
+                    nbytes += len(raw)
+                if progress is not None:
+                    progress.update(nbytes)
+                yield line_no, None, f"line longer than --max_line_bytes={max_line_bytes}"
+                continue
+            if progress is not None:
+                progress.update(nbytes)
+            if line_no == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, None, f"invalid UTF-8 at byte {e.start}"
+                continue
+            if not text.strip():
+                stats["empty_lines"] += 1
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield line_no, None, f"malformed JSON ({e.msg}, column {e.colno})"
+                continue
+            if not isinstance(obj, dict):
+                yield line_no, None, f"expected a JSON object, got {type(obj).__name__}"
+                continue
+            yield line_no, obj, None
+
+
+_DECODER = json.JSONDecoder()
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of undecodable bytes
+_WS = re.compile(r"[ \t\r\n]*")
+
+
+class _ArrayReader:
+    """A window over a JSON text that knows the line number of its read position."""
+
+    def __init__(self, f, progress):
+        self.f, self.progress = f, progress
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+        self.buf, self.pos, self.line, self.eof = "", 0, 1, False
+
+    def more(self):
+        if self.eof:
+            return False
+        chunk = self.f.read(1 << 20)
+        if self.progress is not None:
+            self.progress.update(len(chunk))
+        self.eof = not chunk
+        self.buf = self.buf[self.pos:] + self.dec.decode(chunk, final=self.eof)
+        self.pos = 0
+        return not self.eof
+
+    def advance(self, new_pos):
+        self.line += self.buf.count("\n", self.pos, new_pos)
+        self.pos = new_pos
+
+    def peek(self):
+        """The next non-blank character ('' at the end of the file)."""
+        while True:
+            self.advance(_WS.match(self.buf, self.pos).end())
+            if self.pos < len(self.buf) or not self.more():
+                return self.buf[self.pos:self.pos + 1]
+
+    def value(self, max_bytes):
+        """Decode the JSON value at the position: (obj, None) or (None, problem)."""
+        while True:
+            try:
+                obj, end = _DECODER.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as e:
+                # near the end of the window the value may just be cut by the chunk boundary
+                truncated = e.msg.startswith("Unterminated") or len(self.buf) - e.pos < 16
+                if len(self.buf) - self.pos > max_bytes:
+                    return None, f"record longer than --max_line_bytes={max_bytes}, or malformed JSON"
+                if truncated and self.more():
+                    continue
+                return None, f"malformed JSON ({e.msg}, line {self.line + self.buf.count(chr(10), self.pos, e.pos)})"
+            bad_bytes = _NOT_UTF8.search(self.buf, self.pos, end)
+            self.advance(end)
+            return (None, "invalid UTF-8 inside this record") if bad_bytes else (obj, None)
+
+    def resync(self, indent):
+        """Move to the next line that opens an element at `indent`; False if there is none."""
+        pattern = re.compile("\n" + re.escape(indent) + r"\{")
+        start = self.pos + 1
+        while True:
+            m = pattern.search(self.buf, start)
+            if m:
+                self.advance(m.start() + 1 + len(indent))
+                return True
+            if self.eof:
+                self.advance(len(self.buf))
+                return False
+            keep = len(indent) + 2  # a match may straddle the chunk boundary
+            self.advance(max(self.pos, len(self.buf) - keep))
+            self.more()
+            start = self.pos
+
+
+def iter_json_array(path, stats, max_line_bytes=DEFAULT_MAX_LINE_BYTES, progress=None, skip_bad=False):
+    """Yield (line_no, obj, problem) for each element of a top-level JSON array, read incrementally.
+
+    A syntax error can be skipped only in a pretty-printed array (one element per indented block):
+    reading resumes at the next line opening an element at the first element's indentation.
+    In a one-line array it is always fatal (raised as BadRecord).
+    """
+    with open(path, "rb") as f:
+        r = _ArrayReader(f, progress)
+        r.more()
+        if r.buf.startswith("\ufeff"):
+            r.pos = 1
+        if r.peek() != "[":
+            raise BadRecord("expected a JSON array starting with '['", r.line)
+        r.advance(r.pos + 1)
+        indent, expect_comma, first = None, False, True
+        while True:
+            ch = r.peek()
+            if ch == "]":
+                r.advance(r.pos + 1)
+                if r.peek():
+                    raise BadRecord("unexpected data after the end of the JSON array", r.line)
+                return
+            if ch == "":
+                raise BadRecord("the file ends inside the JSON array (missing ']')", r.line)
+            if expect_comma:
+                if ch != ",":
+                    raise BadRecord(f"malformed JSON (expected ',' or ']' between elements, found {ch!r})", r.line)
+                r.advance(r.pos + 1)
+                if r.peek() in ("", "]"):
+                    raise BadRecord("malformed JSON (trailing comma or missing element)", r.line)
+            if first:  # elements on lines of their own make a syntax error skippable
+                first = False
+                line_start = r.buf.rfind("\n", 0, r.pos) + 1
+                head = r.buf[line_start:r.pos]
+                indent = head if r.line > 1 and not head.strip() else None
+            line = r.line
+            obj, problem = r.value(max_line_bytes)
+            expect_comma = True
+            if problem is None and not isinstance(obj, dict):
+                problem = f"expected a JSON object, got {type(obj).__name__}"
+            if problem is None:
+                yield line, obj, None
+                continue
+            if problem.startswith(("malformed", "record longer")):
+                if not skip_bad or indent is None:
+                    raise BadRecord(problem, line)
+                yield line, None, problem
+                if not r.resync(indent):
+                    return
+                expect_comma = False
+                continue
+            yield line, None, problem
+
+
+def looks_like_json_array(path):
+    """True when the file's first non-blank character is '[' (a .json dump rather than JSONL)."""
+    if str(path).endswith(".jsonl"):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    return head.removeprefix(BOM).lstrip()[:1] == b"["
+
+
+def iter_records(path, stats, max_line_bytes=DEFAULT_MAX_LINE_BYTES, progress=None, skip_bad=False):
+    """Records of a JSONL file or of a JSON array file, whichever `path` is."""
+    if looks_like_json_array(path):
+        return iter_json_array(path, stats, max_line_bytes, progress, skip_bad)
+    return iter_jsonl(path, stats, max_line_bytes, progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Field checks and the three record transforms: (record) -> (output, None) or (None, drop_reason).
+
+
+def field(obj, name, kind, required=True):
+    """obj[name] checked against `kind`; raises BadRecord naming the field."""
+    if name not in obj or obj[name] is None:
+        if required:
+            raise BadRecord(f"missing field '{name}'")
+        return None
+    value = obj[name]
+    if not isinstance(value, kind):
+        want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise BadRecord(f"field '{name}' must be {want}, got {type(value).__name__}")
+    return value
+
+
+def check_messages(msgs, name):
+    """Validate a chat: optional system first, then user/assistant alternating, ending with assistant."""
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRecord(f"field '{name}' must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise BadRecord(f"{name}[{i}] must be an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise BadRecord(f"{name}[{i}].role must be one of {'/'.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise BadRecord(f"{name}[{i}].content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    turns = out[1:] if out[0]["role"] == "system" else out
+    for i, m in enumerate(turns):
+        if m["role"] != ("user", "assistant")[i % 2]:
+            raise BadRecord(f"{name}: expected user/assistant turns alternating after an optional system message")
+    if not turns or turns[-1]["role"] != "assistant":
+        raise BadRecord(f"{name}: the last message must be the assistant's")
+    return out
+
+
+def pretrain_record(obj, max_chars=512):
+    """Seed rule: a document is kept whole or not at all (no cutting into pieces)."""
+    text = field(obj, "text", str)
+    if not text.strip():
+        return None, "empty_text"
+    if max_chars and len(text) > max_chars:
+        return None, f"longer_than_{max_chars}_chars"
+    return {"text": text}, None
+
+
+def chinese_ratio(text):
+    """The seed's measure: CJK unified ideographs over all characters (punctuation counts against)."""
+    if not text:
+        return 0.0
+    return sum("\u4e00" <= c <= "\u9fff" for c in text) / len(text)
+
+
+def sft_turns(obj):
+    """(system, history [(q, a)], q, a) from a deepctrl row or a {"conversations": [...]} row."""
+    if "conversations" in obj:
+        msgs = check_messages(obj["conversations"], "conversations")
+        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+        turns = msgs[1:] if system is not None else msgs
+        pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns), 2)]
+        return system, pairs[:-1], pairs[-1][0], pairs[-1][1]
+    if "instruction" not in obj and "output" not in obj:
+        raise BadRecord("expected 'conversations', or deepctrl fields 'instruction'/'input'/'output'/'history'")
+    q = field(obj, "instruction", str)
+    extra = field(obj, "input", str, required=False)
+    if extra:
+        q = f"{q}\n{extra}" if q else extra
+    a = field(obj, "output", str)
+    history = field(obj, "history", list, required=False) or []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise BadRecord(f"history[{i}] must be a [question, answer] pair of strings")
+    return None, [tuple(p) for p in history], q, a
+
+
+def sft_record(obj, multi_turn=False, min_q=10, min_a=5, max_chars=256, min_chinese=0.9, as_csv=False):
+    """Seed cleaning on the final question/answer; single-turn keeps only that last pair."""
+    system, history, q, a = sft_turns(obj)
+    if len(q) < min_q:
+        return None, f"question_shorter_than_{min_q}"
+    if len(a) < min_a:
+        return None, f"answer_shorter_than_{min_a}"
+    if max_chars and len(q) > max_chars:
+        return None, f"question_longer_than_{max_chars}"
+    if max_chars and len(a) > max_chars:
+        return None, f"answer_longer_than_{max_chars}"
+    if min_chinese and (chinese_ratio(q) <= min_chinese or chinese_ratio(a) <= min_chinese):
+        return None, f"chinese_ratio_not_above_{min_chinese}"
+    if not multi_turn:
+        history = []
+    if as_csv:
+        return [json.dumps([list(p) for p in history], ensure_ascii=False), q, a], None
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    for hq, ha in history + [(q, a)]:
+        msgs += [{"role": "user", "content": hq}, {"role": "assistant", "content": ha}]
+    return {"conversations": msgs}, None
+
+
+def _as_messages(value, name, prompt):
+    if isinstance(value, str):
+        return prompt + [{"role": "assistant", "content": value}]
+    if isinstance(value, list) and prompt and all(isinstance(m, dict) and m.get("role") == "assistant" for m in value):
+        return prompt + value  # {"prompt": [...], "chosen": [assistant message]}
+    if isinstance(value, list):
+        return value
+    raise BadRecord(f"field '{name}' must be a list of messages or a string, got {type(value).__name__}")
+
+
+def dpo_record(obj):
+    """Rows {"chosen": [msgs], "rejected": [msgs]}, or {"prompt", "chosen", "rejected"} with strings."""
+    for name in ("chosen", "rejected"):
+        field(obj, name, (list, str))
+    prompt = obj.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    elif prompt is not None and not isinstance(prompt, list):
+        raise BadRecord(f"field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    prompt = prompt or []
+    chosen = check_messages(_as_messages(obj["chosen"], "chosen", prompt), "chosen")
+    rejected = check_messages(_as_messages(obj["rejected"], "rejected", prompt), "rejected")
+    if chosen[:-1] != rejected[:-1]:
+        raise BadRecord("'chosen' and 'rejected' must share the same prompt (all messages but the last)")
+    if not chosen[-1]["content"].strip() or not rejected[-1]["content"].strip():
+        return None, "empty_answer"
+    if chosen[-1]["content"] == rejected[-1]["content"]:
+        return None, "identical_answers"
+    return {"chosen": chosen, "rejected": rejected}, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: atomic (OUT.tmp, then rename), with a summary of everything read.
+
+
+@contextmanager
+def atomic_open(path):
+    """A text file that appears at `path` only once completely written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    f = open(tmp, "w", encoding="utf-8", newline="")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def convert(in_path, out_path, make_record, *, skip_bad=False, max_line_bytes=DEFAULT_MAX_LINE_BYTES,
+            csv_header=None, progress=None):
+    """Stream in_path through make_record into out_path; returns the counts (a Counter).
+
+    Bad records stop the run with DataError('IN:LINE: problem') unless skip_bad, in which case
+    their line numbers go to OUT.bad_lines.txt. make_record returns (record, None) or
+    (None, drop_reason); a BadRecord it raises is a bad record.
+    """
+    if not os.path.isfile(in_path):
+        raise DataError(f"{in_path}: input file not found")
+    stats = Counter()
+    bad_path = f"{out_path}.bad_lines.txt"
+    # progress=None: a bar only on a terminal; False: never
+    bar = tqdm(total=os.path.getsize(in_path), unit="B", unit_scale=True, desc=os.path.basename(in_path),
+               disable=True if progress is False else None, mininterval=1.0)
+    bad_lines = []
+    try:
+        with atomic_open(out_path) as out:
+            writer = csv.writer(out, lineterminator="\n") if csv_header else None
+            if writer:
+                writer.writerow(csv_header)
+            for line, obj, problem in iter_records(in_path, stats, max_line_bytes, bar, skip_bad):
+                stats["read"] += 1
+                if problem is None:
+                    try:
+                        record, dropped = make_record(obj)
+                    except BadRecord as e:
+                        problem = e.problem
+                if problem is not None:
+                    if not skip_bad:
+                        raise DataError(f"{in_path}:{line}: {problem}")
+                    stats["malformed"] += 1
+                    bad_lines.append(f"{line}\t{problem}\n")
+                    continue
+                if dropped:
+                    stats[f"dropped:{dropped}"] += 1
+                    continue
+                stats["kept"] += 1
+                if writer:
+                    writer.writerow(record)
+                else:
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                if stats["read"] % 4096 == 0:
+                    bar.set_postfix(kept=stats["kept"], dropped=stats["read"] - stats["kept"], refresh=False)
+    except BadRecord as e:  # a fatal problem in the file's structure (JSON arrays)
+        raise DataError(f"{in_path}:{e.line}: {e.problem}") from None
+    finally:
+        bar.close()
+    if skip_bad:
+        with atomic_open(bad_path) as f:
+            f.writelines(bad_lines)
+    elif os.path.exists(bad_path):
+        os.remove(bad_path)  # a stale list from an earlier run would describe another output
+    return stats
+
+
+def summary(stats, out_path, skip_bad):
+    """The human-readable end-of-run report: nothing read is left unaccounted for."""
+    dropped = {k.split(":", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("dropped:")}
+    lines = [f"read {stats['read']} records ({stats['empty_lines']} blank lines skipped)",
+             f"kept {stats['kept']} -> {out_path}",
+             f"dropped {sum(dropped.values())}" + "".join(f"\n  {k}: {v}" for k, v in dropped.items())]
+    if skip_bad:
+        lines.append(f"malformed {stats['malformed']} (line numbers in {out_path}.bad_lines.txt)")
+    return "\n".join(lines)

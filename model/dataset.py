@@ -1,0 +1,385 @@
+"""Datasets for pretraining, SFT and DPO that read lazily through an offset index, so memory never grows with the corpus."""
+
+import ast
+import csv
+import io
+import json
+import os
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from model.convert import BOM, DataError, check_messages, BadRecord, missing_file_error
+
+IGNORE_INDEX = -100  # label value that carries no loss (prompt positions, padding)
+PAD_ID = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The chat format (the seed's): optional raw system text, then per user turn
+# "<s>user\n{content}</s>\n<s>assistant\n", per assistant turn "{content}</s>\n".
+
+
+def chat_pieces(messages):
+    """(text, is_target) pieces of a rendered chat; the single definition of the format."""
+    pieces = []
+    for m in messages:
+        if m["role"] == "system":
+            pieces.append((m["content"], False))
+        elif m["role"] == "user":
+            pieces.append(("<s>user\n" + m["content"] + "</s>\n<s>assistant\n", False))
+        else:
+            pieces += [(m["content"] + "</s>", True), ("\n", False)]
+    return pieces
+
+
+def render_chat(messages):
+    """The chat as text; ending on a user turn it ends with the assistant prompt."""
+    return "".join(text for text, _ in chat_pieces(messages))
+
+
+def format_mcq(question, options):
+    """The user message of a multiple-choice question (SFT data and C-Eval scoring use the same)."""
+    lines = [question.strip()] + [f"{letter}. {str(opt).strip()}" for letter, opt in zip("ABCD", options)]
+    return "\n".join(lines + ["请只回答选项字母。"])
+
+
+def special_ids(tokenizer):
+    """The ids of <s> and </s>, which every format here is built from."""
+    vocab = tokenizer.get_vocab()
+    if "<s>" not in vocab or "</s>" not in vocab:
+        raise ValueError("the tokenizer needs the special tokens <s> and </s>")
+    return vocab["<s>"], vocab["</s>"]
+
+
+class ChatEncoder:
+    """Token ids and loss labels of a chat, built piece by piece so target positions are exact."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.bos, self.eos = special_ids(tokenizer)
+        self.user_head = self.encode("user\n")
+        self.asst_head = self.encode("assistant\n")
+        self.newline = self.encode("\n")
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False) if text else []
+
+    def __call__(self, messages, max_length, last_only=False):
+        """(ids, labels) cut at max_length; last_only: earlier answers count as prompt (DPO)."""
+        ids, labels = [], []
+        for n, m in enumerate(messages):
+            if m["role"] == "system":
+                part, target = self.encode(m["content"]), False
+            elif m["role"] == "user":
+                part = ([self.bos] + self.user_head + self.encode(m["content"]) + [self.eos]
+                        + self.newline + [self.bos] + self.asst_head)
+                target = False
+            else:
+                part = self.encode(m["content"]) + [self.eos]
+                target = not last_only or n == len(messages) - 1
+            ids += part
+            labels += part if target else [IGNORE_INDEX] * len(part)
+            if m["role"] == "assistant":
+                ids += self.newline
+                labels += [IGNORE_INDEX] * len(self.newline)
+            if len(ids) >= max_length:
+                break
+        return ids[:max_length], labels[:max_length]
+
+
+# ---------------------------------------------------------------------------------------------
+# The offset index: record boundaries of a JSONL or CSV file, cached next to it as FILE.idx.
+
+_MAGIC = 0x3130584449444D4D  # b"MMDIDX01" read as a little-endian int64
+_HEADER = 8  # int64 fields: magic, data size, data mtime_ns, records, csv flag, data inode, 2 spare
+
+
+def _scan_jsonl(f, size, emit):
+    """Emit the start offset of every non-blank line, reading 16 MiB at a time (vectorised)."""
+    start = len(BOM) if f.read(3) == BOM else 0
+    f.seek(start)
+    base, cur, last_byte = start, start, b""
+    while True:
+        chunk = f.read(16 << 20)
+        if not chunk:
+            break
+        arr = np.frombuffer(chunk, dtype=np.uint8)
+        nl = np.flatnonzero(arr == 10)
+        if len(nl):
+            starts = np.concatenate(([cur], nl[:-1] + base + 1))
+            ends = nl + base
+            before = np.where(nl > 0, arr[np.maximum(nl - 1, 0)], last_byte[0] if last_byte else 0)
+            blank = (ends == starts) | ((ends - starts == 1) & (before == 13))
+            emit(starts[~blank])
+            cur = int(ends[-1]) + 1
+        base += len(chunk)
+        last_byte = chunk[-1:]
+    if cur < size:  # a last line without a final newline, unless it is blank
+        f.seek(cur)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            if chunk.strip():
+                emit(np.array([cur]))
+                break
+
+
+def _scan_csv(f, size, emit):
+    """Emit the start offset of every CSV record after the header; quoted fields may hold newlines."""
+    start = len(BOM) if f.read(3) == BOM else 0
+    f.seek(start)
+    pos, quotes, rec_start, header_done, batch = start, 0, start, False, []
+    for line in iter(f.readline, b""):
+        quotes += line.count(b'"')
+        pos += len(line)
+        if quotes % 2:  # inside a quoted field: the record continues on the next line
+            continue
+        if header_done and line.strip(b"\r\n"):
+            batch.append(rec_start)
+            if len(batch) >= 65536:
+                emit(np.array(batch))
+                batch = []
+        header_done, quotes, rec_start = True, 0, pos
+    if batch:
+        emit(np.array(batch))
+
+
+class RecordIndex:
+    """Byte offsets of the records of one file, memory-mapped from a sidecar FILE.idx.
+
+    The sidecar is rebuilt when the data file's size, mtime or inode changes; if it cannot be written
+    (read-only data directory) the offsets are kept in memory instead (8 bytes per record).
+    """
+
+    def __init__(self, path, kind):
+        if not os.path.isfile(path):
+            raise missing_file_error(path, kind)
+        self.path, self.is_csv = path, path.endswith(".csv")
+        self.idx_path = path + ".idx"
+        st = os.stat(path)
+        self.stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        self.offsets = self._load() if os.path.exists(self.idx_path) else None
+        if self.offsets is None:
+            self.offsets = self._build()
+        self._f, self._pid = None, None
+
+    def _load(self):
+        head = np.fromfile(self.idx_path, dtype="<i8", count=_HEADER)
+        if len(head) < _HEADER or head[0] != _MAGIC or tuple(head[[1, 2, 5]]) != self.stamp or head[4] != self.is_csv:
+            return None
+        if os.path.getsize(self.idx_path) != (_HEADER + int(head[3]) + 1) * 8:
+            return None  # cut short: rebuild
+        return np.memmap(self.idx_path, dtype="<i8", mode="r", offset=_HEADER * 8, shape=(int(head[3]) + 1,))
+
+    def _build(self):
+        size = self.stamp[0]
+        tmp = f"{self.idx_path}.{os.getpid()}.tmp"
+        try:
+            out = open(tmp, "wb")
+        except OSError:
+            warnings.warn(f"cannot write {self.idx_path}; keeping the offset index in memory")
+            parts = []
+            with open(self.path, "rb") as f:
+                (_scan_csv if self.is_csv else _scan_jsonl)(f, size, parts.append)
+            return np.concatenate(parts + [np.array([size])]).astype("<i8")
+        n = 0
+
+        def emit(starts):
+            nonlocal n
+            out.write(np.asarray(starts, dtype="<i8").tobytes())
+            n += len(starts)
+
+        try:
+            out.write(np.zeros(_HEADER, dtype="<i8").tobytes())
+            with open(self.path, "rb") as f:
+                (_scan_csv if self.is_csv else _scan_jsonl)(f, size, emit)
+            out.write(np.array([size], dtype="<i8").tobytes())  # end sentinel: record i is [o[i], o[i+1])
+            out.seek(0)
+            size, mtime, inode = self.stamp
+            out.write(np.array([_MAGIC, size, mtime, n, self.is_csv, inode, 0, 0], dtype="<i8").tobytes())
+            out.close()
+            os.replace(tmp, self.idx_path)
+        except BaseException:
+            out.close()
+            os.remove(tmp)
+            raise
+        return self._load()
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def read(self, i):
+        """The raw bytes of record i (DataLoader workers each open their own file handle)."""
+        if self._pid != os.getpid():
+            self._f, self._pid = open(self.path, "rb"), os.getpid()
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        self._f.seek(start)
+        return self._f.read(end - start)
+
+    def line_of(self, i):
+        """1-based line number of record i, for error messages (counts newlines: slow, rare)."""
+        target, count, pos = int(self.offsets[i]), 1, 0
+        with open(self.path, "rb") as f:
+            while pos < target:
+                chunk = f.read(min(16 << 20, target - pos))
+                count += chunk.count(b"\n")
+                pos += len(chunk)
+        return count
+
+    def header(self):
+        """The CSV header row (column names)."""
+        with open(self.path, "rb") as f:
+            first = f.readline().removeprefix(BOM)
+        return next(csv.reader(io.StringIO(first.decode("utf-8"))))
+
+    def __getstate__(self):  # pickled into spawned workers: re-map, don't copy the offsets
+        state = dict(self.__dict__, _f=None, _pid=None)
+        if isinstance(self.offsets, np.memmap):
+            state["offsets"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.offsets is None:
+            self.offsets = self._load()
+            if self.offsets is None:
+                raise DataError(f"{self.path}: changed while in use; restart to re-index it")
+
+
+class _JsonlDataset(Dataset):
+    """Shared lazy reading: record i is parsed only when item i is asked for."""
+
+    kind = "pretrain"
+
+    def __init__(self, path, tokenizer, max_length=512):
+        self.path, self.tokenizer, self.max_length = str(path), tokenizer, max_length
+        self.index = RecordIndex(self.path, self.kind)
+
+    def __len__(self):
+        return len(self.index)
+
+    def error(self, i, problem):
+        return DataError(f"{self.path}:{self.index.line_of(i)}: {problem}")
+
+    def record(self, i):
+        raw = self.index.read(i)
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self.error(i, f"unreadable record ({e.__class__.__name__}: {e})") from None
+        if not isinstance(obj, dict):
+            raise self.error(i, "expected a JSON object")
+        return obj
+
+
+def _tensors(**lists):
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in lists.items()}
+
+
+class PretrainDataset(_JsonlDataset):
+    """JSONL {"text": ...}; item = <s> text </s>, cut only at max_length; labels = input_ids (unshifted)."""
+
+    kind = "pretrain"
+
+    def __init__(self, path, tokenizer, max_length=512):
+        super().__init__(path, tokenizer, max_length)
+        self.bos, self.eos = special_ids(tokenizer)
+
+    def __getitem__(self, i):
+        text = self.record(i).get("text")
+        if not isinstance(text, str):
+            raise self.error(i, "missing or non-string field 'text'")
+        ids = ([self.bos] + self.tokenizer.encode(text, add_special_tokens=False) + [self.eos])[:self.max_length]
+        return _tensors(input_ids=ids, labels=ids)
+
+
+def _parse_history(text):
+    """The CSV history column: JSON, or the Python repr the seed's pandas export wrote."""
+    if not text.strip():
+        return []
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return ast.literal_eval(text)
+
+
+class SFTDataset(_JsonlDataset):
+    """Chats from JSONL {"conversations": [...]} or CSV (history, q, a); loss on assistant tokens only."""
+
+    kind = "sft"
+
+    def __init__(self, path, tokenizer, max_length=512):
+        super().__init__(path, tokenizer, max_length)
+        self.encoder = ChatEncoder(tokenizer)
+        if self.index.is_csv:
+            self.columns = self.index.header()
+            missing = {"q", "a"} - set(self.columns)
+            if missing:
+                raise DataError(f"{self.path}:1: CSV header lacks column(s) {', '.join(sorted(missing))}")
+
+    def messages(self, i):
+        if self.index.is_csv:
+            try:
+                row = dict(zip(self.columns, next(csv.reader(io.StringIO(self.index.read(i).decode("utf-8"))))))
+                pairs = _parse_history(row.get("history") or "")
+                msgs = []
+                for q, a in list(pairs) + [(row["q"], row["a"])]:
+                    msgs += [{"role": "user", "content": str(q)}, {"role": "assistant", "content": str(a)}]
+                return msgs
+            except (UnicodeDecodeError, ValueError, SyntaxError, KeyError, TypeError, StopIteration) as e:
+                raise self.error(i, f"unreadable CSV record ({e.__class__.__name__}: {e})") from None
+        try:
+            return check_messages(self.record(i).get("conversations"), "conversations")
+        except BadRecord as e:
+            raise self.error(i, e.problem) from None
+
+    def __getitem__(self, i):
+        ids, labels = self.encoder(self.messages(i), self.max_length)
+        return _tensors(input_ids=ids, labels=labels)
+
+
+class DPODataset(_JsonlDataset):
+    """JSONL {"chosen": [msgs], "rejected": [msgs]} sharing a prompt; labels only on the final answer."""
+
+    kind = "dpo"
+
+    def __init__(self, path, tokenizer, max_length=512):
+        super().__init__(path, tokenizer, max_length)
+        self.encoder = ChatEncoder(tokenizer)
+
+    def __getitem__(self, i):
+        obj = self.record(i)
+        item = {}
+        for side in ("chosen", "rejected"):
+            try:
+                msgs = check_messages(obj.get(side), side)
+            except BadRecord as e:
+                raise self.error(i, e.problem) from None
+            ids, labels = self.encoder(msgs, self.max_length, last_only=True)
+            item.update(_tensors(**{f"{side}_input_ids": ids, f"{side}_labels": labels}))
+        return item
+
+
+def collate_pad(batch):
+    """Right-pad every *input_ids (with 0) and *labels (with -100) to the batch's longest; add masks."""
+    out = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        if key.endswith("input_ids") or key.endswith("labels"):
+            pad = PAD_ID if key.endswith("input_ids") else IGNORE_INDEX
+            width = max(len(v) for v in values)
+            padded = torch.full((len(values), width), pad, dtype=torch.long)
+            for row, v in enumerate(values):
+                padded[row, :len(v)] = v
+            out[key] = padded
+            if key.endswith("input_ids"):
+                mask = torch.zeros((len(values), width), dtype=torch.long)
+                for row, v in enumerate(values):
+                    mask[row, :len(v)] = 1
+                out[key[:-len("input_ids")] + "attention_mask"] = mask
+        elif isinstance(values[0], torch.Tensor) and all(v.shape == values[0].shape for v in values):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out

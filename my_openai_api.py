@@ -1,0 +1,338 @@
+"""An OpenAI-compatible chat server for MiniMind (FastAPI + uvicorn): concurrent requests are decoded together,
+one batched forward per step, each in its own cache slot with its own sampling state.
+
+    python my_openai_api.py --model out/full_sft_512.pth          # then point any OpenAI client at
+    curl http://127.0.0.1:8998/v1/chat/completions -H "Content-Type: application/json" \\
+         -d '{"messages": [{"role": "user", "content": "世界上最高的山是什么？"}], "stream": true}'
+"""
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.checkpoint import add_model_args, load_model_and_tokenizer
+from model.generate import Engine, SamplingParams, Scheduler
+
+log = logging.getLogger("minimind.api")
+ROLES = {"system", "user", "assistant", "developer"}  # "developer" is OpenAI's newer name for system
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.9
+
+
+class APIError(Exception):
+    """An error the client caused (or may retry), sent as an OpenAI error object."""
+
+    def __init__(self, status, message, param=None, code=None, type_="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def response(self):
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def bad(param, message, code=None):
+    return APIError(400, message, param=param, code=code)
+
+
+def is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_messages(messages):
+    if messages is None:
+        raise bad("messages", "'messages' is required", "missing_required_parameter")
+    if not isinstance(messages, list):
+        raise bad("messages", f"'messages' must be an array, got {type(messages).__name__}")
+    if not messages:
+        raise bad("messages", "'messages' must contain at least one message")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}]", f"messages[{i}] must be an object")
+        role, content = m.get("role"), m.get("content")
+        if role is None:
+            raise bad(f"messages[{i}].role", f"messages[{i}].role is required", "missing_required_parameter")
+        if role not in ROLES:
+            raise bad(f"messages[{i}].role", f"messages[{i}].role {role!r} is not one of 'system', 'user', 'assistant'")
+        if isinstance(content, list):  # content parts: only text is understood
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad(f"messages[{i}].content[{j}]", f"messages[{i}].content[{j}] must be a text part "
+                              "{'type': 'text', 'text': ...}")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise bad(f"messages[{i}].content", f"messages[{i}].content must be a string")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def parse_request(body):
+    """Validated (messages, SamplingParams, stream, include_usage) from a request body; unknown fields ignored."""
+    if not isinstance(body, dict):
+        raise bad(None, "the request body must be a JSON object")
+    messages = parse_messages(body.get("messages"))
+
+    def number(name, default, ok, rule):
+        value = body.get(name)
+        if value is None:
+            return default
+        if not is_number(value):
+            raise bad(name, f"'{name}' must be a number, got {type(value).__name__}")
+        if not ok(value):
+            raise bad(name, f"'{name}' is {value}; it must be {rule}", "invalid_value")
+        return value
+
+    def integer(name, default, ok, rule):
+        value = body.get(name)
+        if value is None:
+            return default
+        if not is_int(value):
+            raise bad(name, f"'{name}' must be an integer, got {type(value).__name__}")
+        if not ok(value):
+            raise bad(name, f"'{name}' is {value}; it must be {rule}", "invalid_value")
+        return value
+
+    temperature = number("temperature", DEFAULT_TEMPERATURE, lambda v: 0 <= v <= 2, "between 0 and 2")
+    top_p = number("top_p", DEFAULT_TOP_P, lambda v: 0 < v <= 1, "greater than 0 and at most 1")
+    repetition_penalty = number("repetition_penalty", 1.0, lambda v: 0 < v <= 10, "greater than 0 and at most 10")
+    top_k = integer("top_k", 0, lambda v: v >= 0, "0 (off) or more")
+    integer("n", 1, lambda v: v == 1, "1 (one choice per request)")
+    seed = integer("seed", None, lambda v: True, "")
+    max_name = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
+    max_tokens = integer(max_name, None, lambda v: v == -1 or v >= 1, "-1 (up to the context limit) or at least 1")
+
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad("stream", "'stream' must be a boolean")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
+        raise bad("stop", "'stop' must be a string or an array of strings")
+    if stop and len(stop) > 16:
+        raise bad("stop", "'stop' may hold at most 16 strings")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad("stream_options", "'stream_options' must be an object")
+    include_usage = bool((options or {}).get("include_usage"))
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad("ignore_eos", "'ignore_eos' must be a boolean")
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                            max_new_tokens=max_tokens, stop=tuple(stop or ()), seed=seed, ignore_eos=ignore_eos)
+    return messages, params, bool(stream), include_usage
+
+
+def create_app(scheduler, model_name, api_key=None, strict_context=False):
+    async def check_key(request: Request):
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not given:
+            raise APIError(401, "Missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    app = FastAPI(title="MiniMind OpenAI-compatible API")
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    engine = scheduler.engine
+    started = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # unknown paths and methods, in the same error schema
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc):  # logged by uvicorn; the client still gets the error schema
+        return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, **scheduler.stats()}
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list",
+                "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "minimind",
+                          "context_length": engine.max_len}]}
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
+        messages, params, stream, include_usage = parse_request(body)
+        prompt_ids = engine.encode(messages)
+        if not prompt_ids:
+            raise bad("messages", "the messages make an empty prompt")
+        if strict_context:
+            limit = engine.max_len - (params.max_new_tokens if (params.max_new_tokens or -1) > 0 else 1)
+            if len(prompt_ids) > limit:
+                raise bad("messages", f"the prompt is {len(prompt_ids)} tokens; with max_tokens it must fit the "
+                          f"context of {engine.max_len} tokens", "context_length_exceeded")
+
+        loop = asyncio.get_running_loop()
+        events = asyncio.Queue()
+
+        def on_event(delta, finish):  # called on the scheduler thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (delta, finish))
+            except RuntimeError:  # the event loop is gone (shutdown)
+                pass
+
+        req = scheduler.submit(prompt_ids, params, on_event)
+        if req.truncated:
+            log.warning("prompt of %d tokens cut from the left by %d to fit the context of %d",
+                        len(prompt_ids), req.truncated, engine.max_len)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        headers = {"X-Prompt-Tokens-Truncated": str(req.truncated)}
+
+        async def next_text():
+            """(text, finish_reason) of everything generated since the last call; ("", None) after a quiet
+            half second; None when the client has gone away."""
+            try:
+                delta, finish = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                delta, finish = "", None
+            pieces = [delta]
+            while finish is None and not events.empty():  # coalesce what piled up while we were busy
+                delta, finish = events.get_nowait()
+                pieces.append(delta)
+            nonlocal last_check
+            if finish is None and time.monotonic() - last_check > 0.5:
+                last_check = time.monotonic()
+                if await request.is_disconnected():
+                    return None
+            return "".join(pieces), finish
+
+        last_check = time.monotonic()
+
+        def usage():
+            return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": req.n_generated,
+                    "total_tokens": len(req.prompt_ids) + req.n_generated}
+
+        if not stream:
+            pieces, finish = [], None
+            try:
+                while finish is None:
+                    got = await next_text()
+                    if got is None:
+                        return JSONResponse({}, status_code=499)  # nobody is listening any more
+                    pieces.append(got[0])
+                    finish = got[1]
+            finally:
+                if finish is None:
+                    scheduler.cancel(req)
+            if finish == "error":
+                raise APIError(500, "generation failed", type_="server_error")
+            return JSONResponse({
+                "id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                             "finish_reason": finish, "logprobs": None}],
+                "usage": usage()}, headers=headers)
+
+        def chunk(delta, finish=None, with_usage=False):
+            data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": [] if with_usage else [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                       "logprobs": None}]}
+            if with_usage:
+                data["usage"] = usage()
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        async def sse():
+            finish = None
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while finish is None:
+                    got = await next_text()
+                    if got is None:
+                        return
+                    delta, finish = got
+                    if finish == "error":
+                        err = {"message": "generation failed", "type": "server_error", "param": None, "code": None}
+                        yield f"data: {json.dumps({'error': err})}\n\n"
+                        return
+                    if delta:
+                        yield chunk({"content": delta})
+                yield chunk({}, finish)
+                if include_usage:
+                    yield chunk(None, with_usage=True)
+                yield "data: [DONE]\n\n"
+            finally:  # also reached when the client disconnects and the response is cancelled
+                if finish is None:
+                    scheduler.cancel(req)
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    app.include_router(v1)
+    return app
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.fill(
+            "The default --model is out/full_sft_512.pth (with --dim/--use_moe: out/full_sft_{dim}[_moe].pth, as "
+            "3-full_sft.py names it). A prompt longer than the model's context (max_seq_len) is cut from the left "
+            "by default: the newest tokens are kept, leaving room for the answer, and the response header "
+            "X-Prompt-Tokens-Truncated says how many were dropped; --strict-context makes it a 400 error instead. "
+            f"Sampling defaults when a request leaves them out: temperature {DEFAULT_TEMPERATURE}, top_p "
+            f"{DEFAULT_TOP_P}; max_tokens absent or -1 means up to the context limit, and an answer that reaches "
+            "the limit ends with finish_reason 'length'. Extensions to the OpenAI "
+            "fields: top_k, repetition_penalty, ignore_eos. GET /health is open; /v1/* need the key when one is set.",
+            100))
+    add_model_args(parser, default_model="out/full_sft_512.pth")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8998)
+    parser.add_argument("--api-key", default=os.environ.get("MINIMIND_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: env MINIMIND_API_KEY, else none)")
+    parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together; more wait in a queue")
+    parser.add_argument("--strict-context", action="store_true",
+                        help="reject a prompt over the context limit with 400 instead of cutting it from the left")
+    parser.add_argument("--served-model-name", default=None, help="model id in responses (default: file name)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.model == "out/full_sft_512.pth" and (args.dim or args.use_moe):  # the training stage's name for it
+        args.model = f"out/full_sft_{args.dim or 512}{'_moe' if args.use_moe else ''}.pth"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    model, tokenizer = load_model_and_tokenizer(args)
+    scheduler = Scheduler(Engine(model, tokenizer, max_batch=args.max_batch))
+    name = args.served_model_name or Path(args.model.rstrip("/")).stem
+    app = create_app(scheduler, name, api_key=args.api_key, strict_context=args.strict_context)
+    log.info("serving %s (%.2fM parameters, context %d) on http://%s:%d/v1", name,
+             sum(p.numel() for p in model.parameters()) / 1e6, model.config.max_seq_len, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

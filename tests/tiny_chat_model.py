@@ -1,0 +1,102 @@
+"""A tiny trained chat model and its tokenizer for the serving tests: small enough to build in seconds,
+trained so that its greedy answers are peaked (argmax does not flip under float rounding)."""
+import json
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the tests import the project's `model` package
+    sys.path.insert(0, str(ROOT))
+SHIPPED_TOKENIZER = ROOT / "model" / "minimind_tokenizer"
+
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<s>user\\n' + message['content'] + '</s>\\n<s>assistant\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + '</s>\\n' }}"
+    "{% endif %}{% endfor %}"
+)
+
+CONVERSATIONS = [
+    ("你好", "你好！我是MiniMind，一个很小的语言模型。😀"),
+    ("长江有多长？", "长江全长约6300公里，是中国第一长河。"),
+    ("世界上最高的山是什么？", "珠穆朗玛峰，海拔8848.86米。🏔️"),
+    ("Hello", "Hi! I am a tiny model. Nice to meet you."),
+    ("数一数", "一二三四五六七八九十，十九八七六五四三二一。"),
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tokenizer_dir(tmp_dir):
+    """The shipped tokenizer when it exists, else a throwaway byte-level BPE with the same specials and template."""
+    if (SHIPPED_TOKENIZER / "tokenizer.json").is_file():
+        return SHIPPED_TOKENIZER
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    out = Path(tmp_dir) / "tokenizer"
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [q + " " + a for q, a in CONVERSATIONS] * 20 + ["The quick brown fox jumps over the lazy dog."] * 5
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "pad_token": "<unk>", "add_bos_token": False, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, "model_max_length": 512, "chat_template": CHAT_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    return out
+
+
+_built = {}
+
+
+def build_once(tmp_path_factory):
+    """build() once per pytest session, shared by the test files."""
+    if "paths" not in _built:
+        _built["paths"] = build(tmp_path_factory.mktemp("tiny_chat_model"))
+    return _built["paths"]
+
+
+def build(tmp_dir, max_seq_len=4096, steps=120):
+    """Train the tiny model on CONVERSATIONS and save it; returns (model path, tokenizer dir)."""
+    from transformers import AutoTokenizer
+
+    from model.checkpoint import save_weights
+    from model.generate import chat_prompt
+    from model.LMConfig import LMConfig
+    from model.model import Transformer
+
+    tok_dir = tokenizer_dir(tmp_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=max_seq_len))
+    rows = []
+    for q, a in CONVERSATIONS:
+        text = chat_prompt(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    width = max(map(len, rows))
+    batch = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster, and immune to busy neighbours
+    for _ in range(steps):
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    model.eval()
+    path = Path(tmp_dir) / "tiny.pth"
+    save_weights(model, path)
+    return path, tok_dir
