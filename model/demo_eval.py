@@ -13,6 +13,11 @@ from .generate import Engine, SamplingParams
 def read_jsonl(path, limit=None, seed=0):
     """Rows of a JSONL file; with limit, a fixed random sample of that many (the same on every run)."""
     rows = [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    return sample_rows(rows, limit, seed)
+
+
+def sample_rows(rows, limit=None, seed=0):
+    """A fixed random sample of limit rows (all of them when there are fewer)."""
     if limit is not None and len(rows) > limit:
         rows = random.Random(seed).sample(rows, limit)
     return rows
