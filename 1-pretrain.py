@@ -16,7 +16,7 @@ def main():
     else:
         model = T.new_model(args, dim=512, n_layers=8)
     from model.dataset import PretrainDataset, collate_pad
-    tokenizer = T.load_tokenizer(args)
+    tokenizer = T.load_tokenizer(args, model)
     dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
     out = T.Path(args.out_dir) / T.weights_name("pretrain", model.config)
     T.Trainer(args, rt, model, dataset, collate_pad, out).fit()

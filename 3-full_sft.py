@@ -13,7 +13,7 @@ def main():
     rt = T.Runtime(args)
     model = T.init_model(args, args.init or T.default_init(args, "pretrain"), "python 1-pretrain.py")
     from model.dataset import SFTDataset, collate_pad
-    dataset = SFTDataset(args.data_path, T.load_tokenizer(args), max_length=args.max_seq_len)
+    dataset = SFTDataset(args.data_path, T.load_tokenizer(args, model), max_length=args.max_seq_len)
     out = T.Path(args.out_dir) / T.weights_name(args.out_name, model.config)
     T.Trainer(args, rt, model, dataset, collate_pad, out).fit()
 

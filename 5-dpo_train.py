@@ -38,7 +38,7 @@ def main():
     policy = T.init_model(args, args.init or T.default_init(args, "full_sft"), "python 3-full_sft.py")
     reference = copy.deepcopy(policy).to(rt.device).eval().requires_grad_(False)
     from model.dataset import DPODataset, collate_pad
-    dataset = DPODataset(args.data_path, T.load_tokenizer(args), max_length=args.max_seq_len)
+    dataset = DPODataset(args.data_path, T.load_tokenizer(args, policy), max_length=args.max_seq_len)
     out = T.Path(args.out_dir) / T.weights_name("rl", policy.config)
     T.Trainer(args, rt, policy, dataset, collate_pad, out, loss_fn=dpo_loss_fn(reference, args.beta),
               count_fn=lambda b: b["chosen_input_ids"].shape[0],

@@ -18,14 +18,16 @@ def parse_args():
     p.add_argument("--shipped_tokenizer", action="store_true",
                    help="use model/minimind_tokenizer instead of training one on the demo text")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--n_entities", type=int, default=None, help="size of the demo world (data_process default)")
-    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--n_entities", type=int, default=48, help="made-up entities in the demo world")
+    p.add_argument("--vocab_size", type=int, default=2000,
+                   help="tokenizer size: small, so that the tiny repetitive world is cut into words, not sentences")
+    p.add_argument("--dim", type=int, default=128)
     p.add_argument("--n_layers", type=int, default=4)
-    p.add_argument("--n_heads", type=int, default=8)
-    p.add_argument("--n_kv_heads", type=int, default=4)
+    p.add_argument("--n_heads", type=int, default=4)
+    p.add_argument("--n_kv_heads", type=int, default=2)
     p.add_argument("--max_seq_len", type=int, default=160)
-    p.add_argument("--pretrain_epochs", type=int, default=6)
-    p.add_argument("--sft_epochs", type=int, default=2)
+    p.add_argument("--pretrain_epochs", type=int, default=50)
+    p.add_argument("--sft_epochs", type=int, default=6)
     p.add_argument("--eval_limit", type=int, default=240, help="held-out rows sampled per measurement")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's epochs (a quick run: 0.3)")
     return p.parse_args()
@@ -70,39 +72,38 @@ def main():
     args = parse_args()
     pipe = Pipeline(args)
     out, data = pipe.out, Path(args.data)
-    world = ["data_process.py", "demo", "--out", data, "--seed", args.seed]
-    if args.n_entities:
-        world += ["--n_entities", args.n_entities]
+    world = ["data_process.py", "demo", "--out", data, "--seed", args.seed, "--n_entities", args.n_entities]
     pipe.stage("data", world)
     manifest = json.loads((data / "manifest.json").read_text())
     files = {role: data / Path(path).name for role, path in manifest["files"].items()}
     files["ceval_dir"] = data / "ceval"
 
-    tokenizer = ROOT / "model" / "minimind_tokenizer"
+    tokenizer, vocab = ROOT / "model" / "minimind_tokenizer", 6400
     if not args.shipped_tokenizer:
-        tokenizer = out / "tokenizer"
-        pipe.stage("tokenizer", ["train_tokenizer.py", "--data_path", files["tokenizer"], "--out_dir", tokenizer])
+        tokenizer, vocab = out / "tokenizer", args.vocab_size
+        pipe.stage("tokenizer", ["train_tokenizer.py", "--data_path", files["tokenizer"], "--out_dir", tokenizer,
+                                 "--vocab_size", vocab])
 
     dim = args.dim
     shape = ["--dim", dim, "--n_layers", args.n_layers, "--n_heads", args.n_heads, "--n_kv_heads", args.n_kv_heads]
     common = ["--out_dir", out, "--tokenizer", tokenizer, "--max_seq_len", args.max_seq_len, "--log_interval", 10,
               "--save_interval", 200, "--device", "cpu"]
     ep = lambda n: max(1, round(n * args.scale))
-    pipe.stage("pretrain", ["1-pretrain.py", *common, *shape, "--data_path", files["pretrain"],
-                            "--epochs", ep(args.pretrain_epochs), "--batch_size", 16, "--learning_rate", 3e-3,
+    pipe.stage("pretrain", ["1-pretrain.py", *common, *shape, "--vocab_size", vocab, "--data_path", files["pretrain"],
+                            "--epochs", ep(args.pretrain_epochs), "--batch_size", 16, "--learning_rate", 5e-3,
                             "--warmup_iters", 20])
     pretrain = out / f"pretrain_{dim}.pth"
     pipe.stage("sft", ["3-full_sft.py", *common, "--init", pretrain, "--data_path", files["sft_single"],
-                       "--epochs", ep(args.sft_epochs), "--batch_size", 16, "--learning_rate", 1e-3,
+                       "--epochs", ep(args.sft_epochs), "--batch_size", 16, "--learning_rate", 3e-3,
                        "--warmup_iters", 10])
     pipe.stage("sft_multi", ["3-full_sft.py", *common, "--init", out / f"full_sft_{dim}.pth", "--out_name",
                              "full_sft_multi", "--data_path", files["sft_multi"], "--epochs", ep(1),
                              "--batch_size", 8, "--learning_rate", 3e-4])
     sft = out / f"full_sft_multi_{dim}.pth"
-    pipe.stage("lora", ["4-lora_sft.py", *common, "--init", sft, "--data_path", files["lora"], "--epochs", ep(2),
-                        "--batch_size", 16, "--learning_rate", 3e-3, "--merge"])
-    pipe.stage("dpo", ["5-dpo_train.py", *common, "--init", sft, "--data_path", files["dpo"], "--epochs", ep(1),
-                       "--batch_size", 16, "--learning_rate", 2e-5, "--beta", 0.1])
+    pipe.stage("lora", ["4-lora_sft.py", *common, "--init", sft, "--data_path", files["lora"], "--epochs", ep(4),
+                        "--batch_size", 16, "--learning_rate", 1e-2, "--merge"])
+    pipe.stage("dpo", ["5-dpo_train.py", *common, "--init", sft, "--data_path", files["dpo"], "--epochs", ep(4),
+                       "--batch_size", 16, "--learning_rate", 5e-5, "--beta", 0.1])
     rl = out / f"rl_{dim}.pth"
     pipe.stage("ceval", ["eval_ceval.py", "--model", rl, "--tokenizer", tokenizer, "--data_dir", files["ceval_dir"],
                          "--out_dir", out / "ceval", "--batch_size", 16, "--device", "cpu"])

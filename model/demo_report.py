@@ -81,6 +81,8 @@ def measure(args, out, files, manifest, tokenizer_dir):
                for name, m in (("before_sft", pretrain), ("after_sft", sft), ("after_dpo", rl))}
     stages["demo_questions"] = [{"question": r["question"], "keywords": r["keywords"],
                                  **{k: v[i] for k, v in answers.items()}} for i, r in enumerate(demo_q)]
+    stages["demo_questions_correct"] = {k: sum(all(E.contains(o, w) for w in r["keywords"]) for o, r in zip(v, demo_q))
+                                        / len(demo_q) for k, v in answers.items()}
     return {"model": {"dim": dim, "n_layers": args.n_layers, "parameters": sum(p.numel() for p in sft.parameters())},
             "stages": stages}
 
@@ -126,6 +128,9 @@ def write_report(report, out):
     for q in s["demo_questions"]:
         cell = lambda t: t.replace("\n", " ").replace("|", "/")[:60]
         lines.append(f"| {q['question']} | {cell(q['before_sft'])} | {cell(q['after_sft'])} | {cell(q['after_dpo'])} |")
+    right = s["demo_questions_correct"]
+    lines += ["", "Answers holding every expected keyword: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}"
+                                                                     for k, v in right.items())]
     lines += ["", "![loss curves](report_losses.png)", "", "![effects](report_effects.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
 

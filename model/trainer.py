@@ -39,7 +39,8 @@ def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=
                    "GPUs and on CPUs with bf16 matrix units (AMX/AVX512-BF16), float32 elsewhere")
     p.add_argument("--use_wandb", action="store_true")
     p.add_argument("--wandb_project", default="MiniMind")
-    p.add_argument("--num_workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--num_workers", type=int, default=0, help="kept for the seed's commands; samples are read in "
+                   "the training process, which outruns training many times over (bench/bench_data.py)")
     p.add_argument("--data_path", default=data_path)
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     p.add_argument("--ddp", action="store_true", help="kept for the seed's commands; distributed mode is "
@@ -55,6 +56,8 @@ def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=
     p.add_argument("--n_heads", type=int, default=None)
     p.add_argument("--n_kv_heads", type=int, default=None)
     p.add_argument("--use_moe", action="store_true", default=None)
+    p.add_argument("--vocab_size", type=int, default=None,
+                   help="embedding rows (default 6400, or the --init checkpoint's); at least the tokenizer's size")
     p.add_argument("--max_seq_len", type=int, default=max_seq_len, help="samples are truncated to this many tokens")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
     p.add_argument("--resume", action="store_true", help="continue from the latest good state in --out_dir")
@@ -64,7 +67,7 @@ def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=
 
 
 def shape_overrides(args):
-    return {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "use_moe")
+    return {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "use_moe", "vocab_size")
             if getattr(args, k, None) is not None}
 
 
@@ -598,12 +601,17 @@ def run(main):
             dist.destroy_process_group()
 
 
-def load_tokenizer(args):
+def load_tokenizer(args, model):
+    """The --tokenizer folder, checked to fit the model's embedding table."""
     from transformers import AutoTokenizer
     if not Path(args.tokenizer).is_dir():
         raise TrainError(f"tokenizer folder {args.tokenizer} not found; the shipped one is model/minimind_tokenizer "
                          "(or train one with `python train_tokenizer.py`)")
-    return AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    if len(tokenizer) > model.config.vocab_size:
+        raise TrainError(f"tokenizer {args.tokenizer} has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}; pass --vocab_size {len(tokenizer)} (or more) for a new model")
+    return tokenizer
 
 
 def pad_cat(a, b, value=0):

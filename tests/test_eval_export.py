@@ -20,15 +20,6 @@ from model.evaluation import LETTERS, Question, chat_input_ids, mcq_prompt_ids, 
 from model.LMConfig import LMConfig  # noqa: E402
 from model.model import Transformer  # noqa: E402
 
-SHIPPED_TOKENIZER = ROOT / "model" / "minimind_tokenizer"
-CHAT_TEMPLATE = (  # the seed's chat format, for the stand-in tokenizer used before the shipped one exists
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '<s>user\\n' + message['content'] + '</s>\\n<s>assistant\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + '</s>\\n' }}"
-    "{% endif %}{% endfor %}"
-)
-
 
 def load_script(name):
     """Import a top-level script (some names start with a digit) as a module."""
@@ -45,23 +36,8 @@ def run_script(args, timeout=180, **env):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    """The shipped tokenizer when it exists, else a small byte-level BPE with the same specials and template."""
-    if (SHIPPED_TOKENIZER / "tokenizer.json").is_file():
-        return SHIPPED_TOKENIZER
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    out = tmp_path_factory.mktemp("tokenizer")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["长江是中国最长的河流。泰山在山东。", "The answer is A, B, C or D."] * 20, trainer=trainer)
-    tok.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-              "unk_token": "<unk>", "pad_token": "<unk>", "add_bos_token": False, "add_eos_token": False,
-              "clean_up_tokenization_spaces": False, "model_max_length": 512, "chat_template": CHAT_TEMPLATE}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
-    return out
+    from tiny_chat_model import tokenizer_dir as build
+    return build(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

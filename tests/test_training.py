@@ -243,6 +243,7 @@ def held_out_preference_accuracy(pth, demo):
     ("5-dpo_train.py", ["--data_path", "{demo}/dpo.jsonl", "--out_dir", "nowhere"], "3-full_sft.py"),
     ("3-full_sft.py", ["--data_path", "{demo}/sft_single.jsonl", "--init", "{pre}", "--dim", "64"], "dim"),
     ("1-pretrain.py", ["--data_path", "{demo}/pretrain.jsonl", "--dim", "30", "--n_heads", "4"], "divisible"),
+    ("1-pretrain.py", ["--data_path", "{demo}/pretrain.jsonl", *TINY, "--vocab_size", "1000"], "--vocab_size 6400"),
 ])
 def test_bad_flags_and_paths_give_one_line_errors(demo, pretrained, script, args, expected):
     args = [a.format(demo=demo, pre=pretrained / "pretrain_32.pth") for a in args]

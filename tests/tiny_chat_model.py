@@ -12,13 +12,7 @@ if str(ROOT) not in sys.path:  # the tests import the project's `model` package
     sys.path.insert(0, str(ROOT))
 SHIPPED_TOKENIZER = ROOT / "model" / "minimind_tokenizer"
 
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '<s>user\\n' + message['content'] + '</s>\\n<s>assistant\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + '</s>\\n' }}"
-    "{% endif %}{% endfor %}"
-)
+from train_tokenizer import CHAT_TEMPLATE  # noqa: E402  (the shipped tokenizer's chat format)
 
 CONVERSATIONS = [
     ("你好", "你好！我是MiniMind，一个很小的语言模型。😀"),
