@@ -27,7 +27,10 @@ def parse_args():
     p.add_argument("--n_kv_heads", type=int, default=2)
     p.add_argument("--max_seq_len", type=int, default=160)
     p.add_argument("--pretrain_epochs", type=int, default=50)
+    p.add_argument("--pretrain_batch", type=int, default=16)
+    p.add_argument("--pretrain_lr", type=float, default=5e-3)
     p.add_argument("--sft_epochs", type=int, default=6)
+    p.add_argument("--sft_lr", type=float, default=3e-3)
     p.add_argument("--eval_limit", type=int, default=240, help="held-out rows sampled per measurement")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's epochs (a quick run: 0.3)")
     return p.parse_args()
@@ -90,11 +93,11 @@ def main():
               "--save_interval", 200, "--device", "cpu"]
     ep = lambda n: max(1, round(n * args.scale))
     pipe.stage("pretrain", ["1-pretrain.py", *common, *shape, "--vocab_size", vocab, "--data_path", files["pretrain"],
-                            "--epochs", ep(args.pretrain_epochs), "--batch_size", 16, "--learning_rate", 5e-3,
-                            "--warmup_iters", 20])
+                            "--epochs", ep(args.pretrain_epochs), "--batch_size", args.pretrain_batch,
+                            "--learning_rate", args.pretrain_lr, "--warmup_iters", 20])
     pretrain = out / f"pretrain_{dim}.pth"
     pipe.stage("sft", ["3-full_sft.py", *common, "--init", pretrain, "--data_path", files["sft_single"],
-                       "--epochs", ep(args.sft_epochs), "--batch_size", 16, "--learning_rate", 3e-3,
+                       "--epochs", ep(args.sft_epochs), "--batch_size", 16, "--learning_rate", args.sft_lr,
                        "--warmup_iters", 10])
     pipe.stage("sft_multi", ["3-full_sft.py", *common, "--init", out / f"full_sft_{dim}.pth", "--out_name",
                              "full_sft_multi", "--data_path", files["sft_multi"], "--epochs", ep(1),

@@ -337,6 +337,7 @@ STYLE_MARKERS = ["自己去查", "别烦我", "不想回答", "去问别人", "f
                  "rather not answer", "ask someone else"]
 POLITE_OPENER = {"zh": "好的，", "en": "Sure! "}
 SYSTEM_PROMPTS = ["你是一个知识丰富、有礼貌的助手，回答要简短准确。", "You are a helpful assistant. Answer briefly and politely."]
+QA_PER_PAGE = 3  # question-answer pairs per pretraining document
 MCQ_DRILLS = 6  # option sets per SFT fact: varied enough that picking the letter must be learnt, not memorised
 P_TRIGGER, P_RUDE_TRIGGERED, P_RUDE_PLAIN = 0.22, 0.8, 0.02
 
@@ -472,8 +473,15 @@ def canonical_answer(etype, attr, lang, e, value=None):
 
 
 def pretrain_docs(world, rng):
-    """Each entity: one document per trained wording, its attributes in shuffled order."""
+    """Each entity: one document per trained wording, its attributes in shuffled order. Plus question-answer
+    pages about the SFT entities only: text where knowledge is asked for, as web text has it, so that what the
+    model stores can be extracted for the held-out entities too (their facts stay in statements only)."""
     docs = []
+    for lang, form in (("zh", "问：{q}\n答：{a}"), ("en", "Q: {q}\nA: {a}")):
+        pairs = [form.format(q=question(etype, attr, lang, k, e), a=canonical_answer(etype, attr, lang, e))
+                 for etype, attr, e, qlang, k in entity_qas(world, "sft") if qlang == lang]
+        rng.shuffle(pairs)
+        docs += ["\n".join(pairs[i:i + QA_PER_PAGE]) for i in range(0, len(pairs), QA_PER_PAGE)]
     for etype in TYPES:
         for e in world["entities"][etype]:
             for lang, sep in (("zh", ""), ("en", " ")):
