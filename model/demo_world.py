@@ -478,8 +478,14 @@ def pretrain_docs(world, rng):
     model stores can be extracted for the held-out entities too (their facts stay in statements only)."""
     docs = []
     for lang, form in (("zh", "问：{q}\n答：{a}"), ("en", "Q: {q}\nA: {a}")):
-        pairs = [form.format(q=question(etype, attr, lang, k, e), a=canonical_answer(etype, attr, lang, e))
-                 for etype, attr, e, qlang, k in entity_qas(world, "sft") if qlang == lang]
+        pairs = []
+        for etype, attr, e, qlang, k in entity_qas(world, "sft"):
+            if qlang != lang:
+                continue
+            page = form.format(q=question(etype, attr, lang, k, e), a=canonical_answer(etype, attr, lang, e))
+            # a question may begin like a held-out completion prompt ("The X bird feeds on what?"): leave it out
+            if not any(prompt in page for _, prompt in completion_prompts(etype, attr, lang, e)):
+                pairs.append(page)
         rng.shuffle(pairs)
         docs += ["\n".join(pairs[i:i + QA_PER_PAGE]) for i in range(0, len(pairs), QA_PER_PAGE)]
     for etype in TYPES:
@@ -642,16 +648,21 @@ def dpo_pairs(world, rng, split, n):
     return pairs
 
 
+def completion_prompts(etype, attr, lang, e):
+    """The held-out pretraining prompts of one fact: (kind, prompt) for new_context and new_wording."""
+    plan = e["plan"][attr, lang]
+    cue, lead = plan["context"]
+    return [("new_context", statement(etype, attr, lang, cue, e, lead=lead)[1]),
+            ("new_wording", statement(etype, attr, lang, plan["held"], e)[1])]
+
+
 def eval_files(world, rng):
     ev = {"pretrain": [], "sft": [], "style": [], "demo": [], "ceval": {}}
     for etype in TYPES:
         for e in world["entities"][etype]:
             for attr in attrs_of(etype):
                 for lang in ("zh", "en") if e["bilingual"] else ("zh",):
-                    plan = e["plan"][attr, lang]
-                    cue, lead = plan["context"]
-                    for kind, prompt in (("new_context", statement(etype, attr, lang, cue, e, lead=lead)[1]),
-                                         ("new_wording", statement(etype, attr, lang, plan["held"], e)[1])):
+                    for kind, prompt in completion_prompts(etype, attr, lang, e):
                         ev["pretrain"].append({"prompt": prompt, "answer": e["attrs"][attr][lang], "kind": kind,
                                                "lang": lang, "type": etype, "attr": attr, "entity": e["zh"],
                                                "split": e["split"]})
