@@ -216,25 +216,12 @@ def check_merged_lora_matches_adapter(out, demo):
 
 
 def held_out_preference_accuracy(pth, demo):
-    """Share of held-out pairs whose chosen answer the model scores above the rejected one, relative to the
-    SFT reference (DPO's implicit reward)."""
+    """Share of held-out pairs whose chosen answer the model finds more likely than the rejected one."""
     from transformers import AutoTokenizer
     from model.checkpoint import load_model
-    from model.dataset import DPODataset, collate_pad
-    from model.trainer import pad_cat, sequence_logps
-    from contextlib import nullcontext
+    from model.demo_eval import likelihood_preference, pair_logps
     tok = AutoTokenizer.from_pretrained(ROOT / "model" / "minimind_tokenizer")
-    data = DPODataset(demo / "eval_dpo.jsonl", tok, max_length=96)
-    model = load_model(pth)
-    wins = 0
-    with torch.no_grad():
-        for start in range(0, len(data), 16):
-            b = collate_pad([data[i] for i in range(start, min(start + 16, len(data)))])
-            n = b["chosen_input_ids"].shape[0]
-            logp = sequence_logps(model, pad_cat(b["chosen_input_ids"], b["rejected_input_ids"]),
-                                  pad_cat(b["chosen_labels"], b["rejected_labels"], value=-100), nullcontext())
-            wins += int((logp[:n] > logp[n:]).sum())
-    return wins / len(data)
+    return likelihood_preference(pair_logps(load_model(pth), tok, demo / "eval_dpo.jsonl", max_length=96))
 
 
 @pytest.mark.parametrize("script,args,expected", [
