@@ -14,6 +14,7 @@ import os
 import textwrap
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -91,29 +92,21 @@ def parse_request(body):
         raise bad(None, "the request body must be a JSON object")
     messages = parse_messages(body.get("messages"))
 
-    def number(name, default, ok, rule):
+    def field(name, default, ok, rule, kind=(is_number, "a number")):
         value = body.get(name)
         if value is None:
             return default
-        if not is_number(value):
-            raise bad(name, f"'{name}' must be a number, got {type(value).__name__}")
+        if not kind[0](value):
+            raise bad(name, f"'{name}' must be {kind[1]}, got {type(value).__name__}")
         if not ok(value):
             raise bad(name, f"'{name}' is {value}; it must be {rule}", "invalid_value")
         return value
 
-    def integer(name, default, ok, rule):
-        value = body.get(name)
-        if value is None:
-            return default
-        if not is_int(value):
-            raise bad(name, f"'{name}' must be an integer, got {type(value).__name__}")
-        if not ok(value):
-            raise bad(name, f"'{name}' is {value}; it must be {rule}", "invalid_value")
-        return value
+    integer = partial(field, kind=(is_int, "an integer"))
 
-    temperature = number("temperature", DEFAULT_TEMPERATURE, lambda v: 0 <= v <= 2, "between 0 and 2")
-    top_p = number("top_p", DEFAULT_TOP_P, lambda v: 0 < v <= 1, "greater than 0 and at most 1")
-    repetition_penalty = number("repetition_penalty", 1.0, lambda v: 0 < v <= 10, "greater than 0 and at most 10")
+    temperature = field("temperature", DEFAULT_TEMPERATURE, lambda v: 0 <= v <= 2, "between 0 and 2")
+    top_p = field("top_p", DEFAULT_TOP_P, lambda v: 0 < v <= 1, "greater than 0 and at most 1")
+    repetition_penalty = field("repetition_penalty", 1.0, lambda v: 0 < v <= 10, "greater than 0 and at most 10")
     top_k = integer("top_k", 0, lambda v: v >= 0, "0 (off) or more")
     integer("n", 1, lambda v: v == 1, "1 (one choice per request)")
     seed = integer("seed", None, lambda v: True, "")
