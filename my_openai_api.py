@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import textwrap
+import threading
 import time
 import uuid
 from functools import partial
@@ -135,7 +136,34 @@ def parse_request(body):
     return messages, params, bool(stream), include_usage
 
 
+class EventRelay:
+    """Carries generation events from the scheduler thread to the event loop, waking the loop once per batch of
+    events rather than once per token: with 16 streams that is one wake-up per decode step instead of 16."""
+
+    def __init__(self, loop):
+        self.loop, self.pending, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    def put(self, queue, event):  # any thread
+        with self.lock:
+            self.pending.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+    def _deliver(self):  # the event loop's thread
+        with self.lock:
+            pending, self.pending, self.scheduled = self.pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 def create_app(scheduler, model_name, api_key=None, strict_context=False):
+    relays = {}  # one per event loop (tests start several)
+
     async def check_key(request: Request):
         if not api_key:
             return
@@ -191,13 +219,11 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False):
                           f"context of {engine.max_len} tokens", "context_length_exceeded")
 
         loop = asyncio.get_running_loop()
+        relay = relays.get(loop) or relays.setdefault(loop, EventRelay(loop))
         events = asyncio.Queue()
 
         def on_event(delta, finish):  # called on the scheduler thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (delta, finish))
-            except RuntimeError:  # the event loop is gone (shutdown)
-                pass
+            relay.put(events, (delta, finish))
 
         req = scheduler.submit(prompt_ids, params, on_event)
         if req.truncated:
@@ -210,8 +236,9 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False):
             """(text, finish_reason) of everything generated since the last call; ("", None) after a quiet
             half second; None when the client has gone away."""
             try:
-                delta, finish = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(0.5):  # no task per token, unlike wait_for
+                    delta, finish = await events.get()
+            except TimeoutError:
                 delta, finish = "", None
             pieces = [delta]
             while finish is None and not events.empty():  # coalesce what piled up while we were busy

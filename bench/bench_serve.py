@@ -132,11 +132,15 @@ def main():
                 got, tokens, seconds = run_level(url, clients, args.requests, args.new_tokens)
                 after = httpx.get(url + "/health").json()
                 steps = after["steps"] - before["steps"]
+                decode_s = after["decode_seconds"] - before["decode_seconds"]
+                prefill_s = after["prefill_seconds"] - before["prefill_seconds"]
                 speeds[clients].append(tokens / seconds)
                 answers.setdefault(clients, got)
                 print(f"round {r + 1}: {clients:3d} clients: {tokens:5d} tokens in {seconds:6.1f} s = "
                       f"{tokens / seconds:7.1f} tokens/s aggregate, {tokens / max(steps, 1):5.1f} requests per "
-                      "decode step on average")
+                      f"decode step on average, {1e3 * decode_s / max(steps, 1):5.1f} ms per step; the engine "
+                      f"decoded {100 * decode_s / seconds:3.0f}% and prefilled {100 * prefill_s / seconds:2.0f}% "
+                      "of the time")
         base = levels[0]
         base_tps = statistics.median(speeds[base])
         print(f"median {base:3d} clients: {base_tps:7.1f} tokens/s")

@@ -47,6 +47,7 @@ import codecs
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Optional
@@ -289,30 +290,43 @@ def chat_prompt(tokenizer, messages):
     return text
 
 
+class SkinnyWeight:
+    """One weight matrix in two layouts, for products with few rows. MKL picks its kernel by the shape of the
+    output: with one or two rows x @ W(in, out) streams the weight fastest; from four rows on, computing the
+    transposed product W(out, in) @ x.T keeps the long dimension first and runs about 1.3x faster on a 2-core
+    CPU (bench/bench_serve.py). Both are exact products; they differ only in summation order."""
+
+    def __init__(self, *weights):  # (out, in) weights, stacked along out (fused q|k|v or gate|up)
+        self.out_in = torch.cat([w.detach() for w in weights]).contiguous()
+        self.in_out = self.out_in.t().contiguous()
+
+    def __rmatmul__(self, x):
+        if x.shape[0] < 4:
+            return x @ self.in_out
+        return (self.out_in @ x.t()).t().contiguous()  # row-major again, as the kernels after it expect
+
+
 class FastDecoder:
-    """The model's one-token decode step with its weights laid out for skinny matrix products: q|k|v and
-    gate|up fused, every matrix stored (in, out) so that x @ W reads it row by row. On CPU this is about 1.4x
-    faster per token at batch 1 than nn.Linear's (out, in) layout. Same maths as Transformer.forward (the tests
-    hold the two to float rounding); it costs a second copy of the weights, taken when the engine is built."""
+    """The model's one-token decode step with its weights laid out for skinny matrix products (SkinnyWeight):
+    q|k|v and gate|up fused. On CPU this is about 1.4x faster per token at batch 1 than nn.Linear, and 1.3x at
+    batch 16. Same maths as Transformer.forward (the tests hold the two to float rounding); it costs two copies
+    of the weights, taken when the engine is built."""
 
     def __init__(self, model):
         c = model.config
         self.model, self.n_heads, self.n_kv_heads = model, c.n_heads, c.n_kv_heads
         self.head_dim = c.dim // c.n_heads
 
-        def t(*weights):
-            return torch.cat([w.detach() for w in weights]).t().contiguous()
-
         self.qkv, self.wo, self.w13, self.w2 = [], [], [], []
         for layer in model.layers:
             a, ff = layer.attention, layer.feed_forward
-            self.qkv.append(t(a.wq.weight, a.wk.weight, a.wv.weight))
-            self.wo.append(t(a.wo.weight))
+            self.qkv.append(SkinnyWeight(a.wq.weight, a.wk.weight, a.wv.weight))
+            self.wo.append(SkinnyWeight(a.wo.weight))
             dense = hasattr(ff, "w1")  # MoE layers run their own module
-            self.w13.append(t(ff.w1.weight, ff.w3.weight) if dense else None)
-            self.w2.append(t(ff.w2.weight) if dense else None)
-        self.out = t(model.output.weight)
-        device = self.out.device
+            self.w13.append(SkinnyWeight(ff.w1.weight, ff.w3.weight) if dense else None)
+            self.w2.append(SkinnyWeight(ff.w2.weight) if dense else None)
+        self.out = SkinnyWeight(model.output.weight)
+        device = self.out.in_out.device
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
         angles = torch.arange(c.max_seq_len, device=device).float()[:, None] * inv_freq
         # rotary on pairs (2k, 2k+1) as one multiply-add: x * [c, c] + (x with each pair swapped) * [-s, s]
@@ -402,8 +416,8 @@ class Engine:
             raise RuntimeError(f"all {self.max_batch} slots are busy")
         req.slot = len(self.active)
         self.active.append(req)
-        self.cache.prefill(req.slot)
         ids = torch.tensor([req.prompt_ids], device=self.device)
+        self.cache.prefill(req.slot)
         logits = self.model(ids, cache=self.cache, logits_to_keep=1).logits[:, -1]
         req.n_cached = len(req.prompt_ids)
         self._accept([req], logits)
@@ -501,6 +515,7 @@ class Scheduler:
         self.waiting = deque()
         self.cond = threading.Condition()
         self.steps = 0
+        self.busy_seconds = {"prefill": 0.0, "decode": 0.0}  # time the engine spent working (see stats())
         self._closed = False
         self.thread = threading.Thread(target=self._run, name="minimind-scheduler", daemon=True)
         self.thread.start()
@@ -537,7 +552,8 @@ class Scheduler:
 
     def stats(self):
         return {"active": len(self.engine.active), "waiting": len(self.waiting), "max_batch": self.engine.max_batch,
-                "steps": self.steps, **self.engine.counters}
+                "steps": self.steps, **self.engine.counters,
+                **{f"{k}_seconds": round(v, 3) for k, v in self.busy_seconds.items()}}
 
     def close(self):
         with self.cond:
@@ -557,6 +573,7 @@ class Scheduler:
                 while self.waiting and len(engine.active) + len(joining) < engine.max_batch:
                     joining.append(self.waiting.popleft())
             try:
+                started = time.perf_counter()
                 for req in joining:
                     if req.cancelled:
                         engine.counters["cancelled"] += 1
@@ -565,9 +582,12 @@ class Scheduler:
                         engine.add(req)
                 for req in [r for r in engine.active if r.cancelled]:
                     engine.cancel(req)
+                decoding = time.perf_counter()
                 if engine.active:
                     engine.step()
                     self.steps += 1
+                self.busy_seconds["prefill"] += decoding - started
+                self.busy_seconds["decode"] += time.perf_counter() - decoding
             except Exception:
                 log.exception("generation step failed; failing the requests in flight")
                 for req in list(engine.active) + [r for r in joining if r.slot is None and not r.finish_reason]:

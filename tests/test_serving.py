@@ -69,17 +69,19 @@ def test_static_cache_matches_plain_forward(engine):
         assert done.finish_reason == ("stop" if done.token_ids[-1] == engine.eos_id else "length")
 
 
-@pytest.mark.parametrize("use_moe", [False, True])
-def test_fast_decoder_logits_equal_model_forward(use_moe):
-    """One batched decode step, rows at different positions: FastDecoder against the model's own forward."""
+@pytest.mark.parametrize("use_moe,rows", [(False, 3), (False, 6), (True, 3), (True, 6)])
+def test_fast_decoder_logits_equal_model_forward(use_moe, rows):
+    """One batched decode step, rows at different positions: FastDecoder against the model's own forward
+    (below 4 rows and from 4 on, SkinnyWeight multiplies in different layouts)."""
     from model.LMConfig import LMConfig
     from model.model import Transformer
     torch.manual_seed(0)
     model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=300, max_seq_len=64,
                                  use_moe=use_moe)).eval()
-    fast = Engine(model, None, max_batch=3)
-    for n in (5, 17, 9):  # prompts of different lengths
-        fast.add(fast.prepare(list(range(3, 3 + n)), SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)))
+    fast = Engine(model, None, max_batch=rows)
+    for n in (5, 17, 9, 2, 12, 7)[:rows]:  # prompts of different lengths
+        fast.add(fast.prepare(list(range(3, 3 + n)), SamplingParams(temperature=0, max_new_tokens=30,
+                                                                      ignore_eos=True)))
     fast.step()
     tokens = torch.tensor([r.last_token for r in fast.active])
     positions = torch.tensor([r.n_cached for r in fast.active])
