@@ -47,11 +47,11 @@ def weight_floor(decoder, model, repeats=20):
     """Tokens/s if a decode step did nothing but its matrix products (our layout, then nn.Linear's): batch-1
     decoding reads every weight once per token, so this is the bound for any fp32 implementation here."""
     d = decoder
-    ours = [w.in_out for group in (d.qkv, d.wo, d.w13, d.w2) for w in group if w is not None] + [d.out.in_out]
+    ours = [w for group in (d.qkv, d.wo, d.w13, d.w2) for w in group if w is not None] + [d.out]
     linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     floors = []
     with torch.inference_mode():
-        for weights, product in ((ours, lambda w: torch.ones(1, w.shape[0]) @ w),
+        for weights, product in ((ours, lambda w: torch.ones(1, w.n_in) @ w),
                                  (linear, lambda w: torch.nn.functional.linear(torch.ones(1, w.shape[1]), w))):
             for w in weights:
                 product(w)
