@@ -28,8 +28,9 @@ def parse_args():
     p.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--matmul_n", type=int, default=2048, help="size of the square matmul that measures the peak")
-    p.add_argument("--profile", default=None, metavar="NAME:DTYPE",
-                   help="instead of the benchmark, profile one step of ours/ref in fp32/bf16, e.g. ours:bf16")
+    p.add_argument("--profile", default=None, choices=["fp32", "bf16"],
+                   help="instead of the benchmark, profile steps of ours and the reference in this precision and "
+                        "print the time per operator category side by side")
     return p.parse_args()
 
 
@@ -111,14 +112,41 @@ def flops_per_token(config: LMConfig, n_params: int, seq: int):
     return 6 * n_params + 12 * config.n_layers * seq * config.dim
 
 
-def profile_one(models, ids, which):
-    name, dtype = which.split(":")
-    step = make_step(models[name], dtype, ids)
-    step()
+CATEGORIES = (  # (label, substrings of aten op names), first match wins
+    ("matrix products", ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")),
+    ("attention (SDPA)", ("scaled_dot_product",)),
+    ("cross-entropy", ("log_softmax", "nll_loss")),
+    ("zero fills", ("aten::fill_", "aten::zero_")),
+)
+
+
+def profile_steps(models, ids, dtype, steps=3):
+    """Self CPU time per operator category for a few steps of each model (alternating, so machine load hits
+    both alike): where the time goes, side by side."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    rest = "everything else (norms, rotary, SwiGLU, AdamW, ...)"
+    names = list(models)
+    step_fns = {name: make_step(model, dtype, ids) for name, model in models.items()}
+    totals = {name: dict.fromkeys([label for label, _ in CATEGORIES] + [rest], 0.0) for name in names}
+    tables = {}
+    for name in names:
+        step_fns[name]()  # warm-up
+    for _ in range(steps):
+        for name in names:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step_fns[name]()
+            events = prof.key_averages()
+            for e in events:
+                label = next((lab for lab, keys in CATEGORIES if any(k in e.key for k in keys)), rest)
+                totals[name][label] += e.self_cpu_time_total / 1e6 / steps
+            tables[name] = events.table(sort_by="self_cpu_time_total", row_limit=15)
+    print(f"\n[{dtype}] seconds per step by operator category (self CPU time, mean of {steps} profiled steps):")
+    print(f"  {'category':52s}" + "".join(f"{n:>14s}" for n in names))
+    for label in totals[names[0]]:
+        print(f"  {label:52s}" + "".join(f"{totals[n][label]:14.3f}" for n in names))
+    print(f"  {'total':52s}" + "".join(f"{sum(totals[n].values()):14.3f}" for n in names))
+    for name in names:
+        print(f"\n{name}, top operators:\n{tables[name]}")
 
 
 def main():
@@ -139,7 +167,7 @@ def main():
     tokens = args.batch * args.seq
     models = {"ours": ours, "ref": ref}
     if args.profile:
-        return profile_one(models, ids, args.profile)
+        return profile_steps(models, ids, args.profile)
     if args.compile:
         models["ours+compile"] = torch.compile(ours)
     print(f"model   : LMConfig() {n_ours:,} parameters (reference Llama {n_ref:,}); batch {args.batch} x "

@@ -181,6 +181,8 @@ def test_scheduler_stream_and_cancel(engine):
     try:
         expected = engine.complete(HELLO, temperature=0, max_new_tokens=20).text
         assert "".join(sched.stream(HELLO, temperature=0, max_new_tokens=20)) == expected
+        stats = sched.stats()  # the engine's busy time, which bench_serve reports per step
+        assert stats["steps"] >= 1 and stats["prefill_seconds"] > 0 and stats["decode_seconds"] > 0
         stream = sched.stream(HELLO, temperature=0, ignore_eos=True)
         next(stream)
         stream.close()

@@ -1,0 +1,36 @@
+"""Every benchmark under bench/ runs from a clean clone with tiny settings and prints its ratio lines.
+Timings are never asserted here (machines are noisy); bench/RESULTS.md holds the measured numbers."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
+
+RUNS = {
+    "train": (["bench/bench_train.py", "--batch", "1", "--seq", "32", "--warmup", "1", "--rounds", "2",
+               "--dtypes", "fp32", "--matmul_n", "256"], ["ratio ours/ref:", "% of matmul"]),
+    "train_profile": (["bench/bench_train.py", "--batch", "1", "--seq", "32", "--profile", "fp32"],
+                      ["matrix products", "attention (SDPA)", "cross-entropy", "total"]),
+    "decode": (["bench/bench_decode.py", "--prompt_len", "8", "--new_tokens", "8", "--rounds", "1"],
+               ["ratio", "matrix products alone"]),
+    "serve": (["bench/bench_serve.py", "--new_tokens", "4", "--requests", "4", "--levels", "1,4", "--rounds", "1"],
+              ["answers unchanged 4/4", "ms per step"]),
+    "data": (["bench/bench_data.py", "--gb", "0.002", "--tokens", "20000", "--seconds", "5", "--train_batch", "1",
+              "--train_seq", "32", "--train_steps", "1"], ["ratio loader/training:", "RSS growth:"]),
+    "gpu_code_path_on_cpu": (["bench/bench_gpu.py", "--device", "cpu", "--dtype", "fp32", "--tiny", "--batch", "2",
+                              "--seq", "32", "--warmup", "1", "--steps", "1", "--rounds", "1"], ["MFU", "ratio"]),
+}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_bench_runs(name):
+    args, expected = RUNS[name]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for text in expected:
+        assert text in out, f"{text!r} missing from the output of {name}:\n{out[-3000:]}"
