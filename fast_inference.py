@@ -11,7 +11,7 @@ import streamlit as st
 import torch
 
 from model.checkpoint import DEFAULT_TOKENIZER, load_model
-from model.generate import Engine, SamplingParams, Scheduler
+from model.generate import Engine, SamplingParams, Scheduler, single_torch_thread
 
 
 def cli_args():
@@ -30,9 +30,10 @@ def cli_args():
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
 def load_scheduler(model_path, tokenizer_path, device, dim=None, n_layers=None, use_moe=None):
     from transformers import AutoTokenizer
+    threads = single_torch_thread()  # only the scheduler's thread runs parallel kernels
     model = load_model(model_path, device=device, dim=dim, n_layers=n_layers, use_moe=use_moe)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    return Scheduler(Engine(model, tokenizer, max_batch=4))
+    return Scheduler(Engine(model, tokenizer, max_batch=4), threads=threads)
 
 
 def sidebar(args):

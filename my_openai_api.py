@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.checkpoint import add_model_args, load_model_and_tokenizer
-from model.generate import Engine, SamplingParams, Scheduler
+from model.generate import Engine, SamplingParams, Scheduler, single_torch_thread
 
 log = logging.getLogger("minimind.api")
 ROLES = {"system", "user", "assistant", "developer"}  # "developer" is OpenAI's newer name for system
@@ -341,12 +341,12 @@ def main():
     args = parser.parse_args()
     if args.model == "out/full_sft_512.pth" and (args.dim or args.use_moe):  # the training stage's name for it
         args.model = f"out/full_sft_{args.dim or 512}{'_moe' if args.use_moe else ''}.pth"
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = single_torch_thread()  # only the scheduler's thread runs parallel kernels
+    threads = args.threads or threads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     model, tokenizer = load_model_and_tokenizer(args)
-    scheduler = Scheduler(Engine(model, tokenizer, max_batch=args.max_batch))
+    scheduler = Scheduler(Engine(model, tokenizer, max_batch=args.max_batch), threads=threads)
     name = args.served_model_name or Path(args.model.rstrip("/")).stem
     app = create_app(scheduler, name, api_key=args.api_key, strict_context=args.strict_context)
     log.info("serving %s (%.2fM parameters, context %d) on http://%s:%d/v1", name,

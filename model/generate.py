@@ -121,6 +121,7 @@ class StaticKVCache:
         self._slot, self._rows, self._positions, self._window = 0, None, None, 0
 
     def prefill(self, slot):
+        """The next forward writes prompts (right-padded, one per row) to slots slot, slot + 1, ..."""
         self._slot, self._positions, self._window = slot, None, 0
 
     def decode(self, positions, window):
@@ -133,10 +134,10 @@ class StaticKVCache:
 
     def update(self, k, v, layer_idx, *args):
         kl, vl = self.k[layer_idx], self.v[layer_idx]
-        if self._positions is None:  # prefill of one slot from position 0
-            T = k.shape[2]
-            kl[self._slot, :, :T] = k[0]
-            vl[self._slot, :, :T] = v[0]
+        if self._positions is None:  # prefill of consecutive slots from position 0
+            B, T = k.shape[0], k.shape[2]
+            kl[self._slot:self._slot + B, :, :T] = k
+            vl[self._slot:self._slot + B, :, :T] = v
             return k, v
         n = k.shape[0]
         kl[self._rows, :, self._positions] = k[:, :, 0]
@@ -415,18 +416,45 @@ class Engine:
         room = self.max_len - len(ids)
         return Request(ids, params, truncated, min(wanted or room, room), self, on_event)
 
-    @torch.inference_mode()
     def add(self, req):
         """Prefill the request's prompt into the next slot and sample its first token."""
-        if len(self.active) >= self.max_batch:
-            raise RuntimeError(f"all {self.max_batch} slots are busy")
-        req.slot = len(self.active)
-        self.active.append(req)
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        self.cache.prefill(req.slot)
-        logits = self.model(ids, cache=self.cache, logits_to_keep=1).logits[:, -1]
-        req.n_cached = len(req.prompt_ids)
-        self._accept([req], logits)
+        self.add_many([req])
+
+    @torch.inference_mode()
+    def add_many(self, reqs):
+        """Prefill several prompts in one forward into the next slots and sample each one's first token. The
+        prompts are right-padded: under causal attention no real token sees the padding after it, and the
+        padding's keys in the cache lie beyond each row's position, where decode steps mask and overwrite them."""
+        if len(self.active) + len(reqs) > self.max_batch:
+            raise RuntimeError(f"{len(reqs)} more requests do not fit: {len(self.active)} of {self.max_batch} "
+                               "slots are busy")
+        first = len(self.active)
+        lengths = [len(r.prompt_ids) for r in reqs]
+        ids = torch.zeros(len(reqs), max(lengths), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            r.slot, r.n_cached = first + i, lengths[i]
+            ids[i, :lengths[i]] = torch.tensor(r.prompt_ids)
+        self.active.extend(reqs)
+        self.cache.prefill(first)
+        keep = max(lengths) - min(lengths) + 1  # the last positions, which hold every row's last real token
+        logits = self.model(ids.to(self.device), cache=self.cache, logits_to_keep=keep).logits
+        last = torch.tensor(lengths) - max(lengths) + keep - 1
+        self._accept(reqs, logits[torch.arange(len(reqs)), last.to(self.device)])
+
+    @staticmethod
+    def prefill_groups(reqs, budget=4096):
+        """Split requests (in order) into groups worth one padded prefill each: a group grows while its padded
+        size stays within budget tokens and at most 1.5x its real tokens (plus 64), so one long prompt does not
+        pad many short ones."""
+        groups, group = [], []
+        for r in reqs:
+            trial = group + [r]
+            longest, real = max(len(q.prompt_ids) for q in trial), sum(len(q.prompt_ids) for q in trial)
+            if group and (len(trial) * longest > budget or len(trial) * longest > 1.5 * real + 64):
+                groups.append(group)
+                trial = [r]
+            group = trial
+        return groups + [group] if group else groups
 
     @torch.inference_mode()
     def step(self):
@@ -512,12 +540,26 @@ class Engine:
         return self.last
 
 
+def single_torch_thread():
+    """Switch this thread to one torch CPU thread and return the count it had: call it before loading a model
+    that a Scheduler will serve, then pass the count on as Scheduler(..., threads=count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
 class Scheduler:
     """Serves concurrent requests from one Engine on a background thread. Requests join (prefill) and leave
-    (done or cancelled) between steps, and each step decodes everything in flight in one batched forward."""
+    (done or cancelled) between steps, and each step decodes everything in flight in one batched forward.
 
-    def __init__(self, engine):
+    threads: torch CPU threads of that thread (default: the count of the thread that builds the scheduler).
+    Load the model with torch.set_num_threads(1) where you can (see single_torch_thread): once two threads
+    each own an OpenMP worker pool, libgomp stops its workers spinning between parallel regions, and on a
+    2-core CPU every decode step then took 1.5x as long."""
+
+    def __init__(self, engine, threads=None):
         self.engine = engine
+        self.threads = threads or torch.get_num_threads()
         self.waiting = deque()
         self.cond = threading.Condition()
         self.steps = 0
@@ -568,6 +610,7 @@ class Scheduler:
         self.thread.join(timeout=10)
 
     def _run(self):
+        torch.set_num_threads(self.threads)  # per thread under OpenMP
         engine = self.engine
         while True:
             with self.cond:
@@ -580,12 +623,11 @@ class Scheduler:
                     joining.append(self.waiting.popleft())
             try:
                 started = time.perf_counter()
-                for req in joining:
-                    if req.cancelled:
-                        engine.counters["cancelled"] += 1
-                        req.emit("", "cancelled")
-                    else:
-                        engine.add(req)
+                for req in [r for r in joining if r.cancelled]:
+                    engine.counters["cancelled"] += 1
+                    req.emit("", "cancelled")
+                for group in engine.prefill_groups([r for r in joining if not r.cancelled]):
+                    engine.add_many(group)
                 for req in [r for r in engine.active if r.cancelled]:
                     engine.cancel(req)
                 decoding = time.perf_counter()

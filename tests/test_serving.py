@@ -7,6 +7,7 @@ import sys
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -16,7 +17,7 @@ from transformers import AutoTokenizer
 
 import tiny_chat_model as tiny
 from model.checkpoint import load_model
-from model.generate import Engine, SamplingParams, Scheduler, TextStream, sample_token
+from model.generate import Engine, Request, SamplingParams, Scheduler, TextStream, sample_token
 
 ROOT = tiny.ROOT
 HELLO = [{"role": "user", "content": tiny.CONVERSATIONS[0][0]}]
@@ -174,6 +175,48 @@ def test_seeded_sampling_is_reproducible(engine):
             for s in (1, 1, 2, 3, 4)]
     assert runs[0] == runs[1]
     assert any(r != runs[0] for r in runs[2:])
+
+
+def test_prefill_together_equals_prefill_alone(engine):
+    """Prompts of different lengths prefilled in one padded forward: the same first-token logits and the same
+    greedy answers as each prompt prefilled and decoded alone."""
+    prompts = questions(engine.max_batch)
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    alone, first_logits = [], []
+    for prompt in prompts:
+        req = engine.prepare(prompt, params)
+        with torch.inference_mode():
+            first_logits.append(engine.model(torch.tensor([req.prompt_ids])).logits[0, -1])
+        alone.append(engine.complete(prompt, params).token_ids)
+    reqs = [engine.prepare(p, params) for p in prompts]
+    assert len({len(r.prompt_ids) for r in reqs}) > 1  # really padded
+    logits = {}
+    real_accept = engine._accept
+    engine._accept = lambda rs, lg: (logits.update(zip([id(r) for r in rs], lg.clone())), real_accept(rs, lg))
+    try:
+        engine.add_many(reqs)
+    finally:
+        engine._accept = real_accept
+    for r, want in zip(reqs, first_logits):
+        torch.testing.assert_close(logits[id(r)], want, rtol=1e-4, atol=1e-5)
+    while engine.active:
+        engine.step()
+    assert [r.token_ids for r in reqs] == alone
+
+
+def test_prefill_groups_limit_padding():
+    owner = SimpleNamespace(device="cpu", vocab_size=8, token_bytes=[b""] * 8)
+
+    def req(n):
+        return Request(list(range(n)), SamplingParams(), 0, 1, owner)
+
+    similar = [req(n) for n in (20, 22, 25, 19)]
+    assert [len(g) for g in Engine.prefill_groups(similar)] == [4]
+    mixed = [req(n) for n in (10, 12, 400, 11, 9)]  # the long prompt would pad the short ones 40x
+    assert [[len(r.prompt_ids) for r in g] for g in Engine.prefill_groups(mixed)] == [[10, 12], [400], [11, 9]]
+    many = [req(300) for _ in range(16)]  # a group stays within the token budget
+    assert [len(g) for g in Engine.prefill_groups(many, budget=4096)] == [13, 3]
+    assert Engine.prefill_groups([]) == []
 
 
 def test_scheduler_stream_and_cancel(engine):
