@@ -13,7 +13,8 @@ Usage
     done = engine.complete("<s>长江", temperature=0, max_new_tokens=64)  # a str is continued as is: no template
     done.text, done.finish_reason, done.prompt_tokens, done.completion_tokens, done.truncated
 
-    sched = Scheduler(Engine(model, tokenizer, max_batch=16))  # a thread; everything in flight is one batch
+    threads = single_torch_thread()                       # before loading the model (see Scheduler)
+    sched = Scheduler(Engine(model, tokenizer, max_batch=16), threads=threads)  # a thread; all in flight is one batch
     for delta in sched.stream(messages, SamplingParams(temperature=0)): ...  # from any thread
     req = sched.submit(messages, params, on_event)        # on_event(delta, finish_reason) runs on its thread
     sched.cancel(req)                                     # e.g. the client left: its slot is freed before the next step
@@ -38,9 +39,10 @@ leaving min(max_new_tokens, max_seq_len // 4) free) and Completion.truncated say
 Each request has its own cache slot, position, sampling parameters and generator, so a greedy request gives
 the same tokens whether it runs alone or batched with others (up to float rounding of the batched matmuls).
 
-Speed: the KV cache is allocated once; prompts are prefilled by the model itself; decode steps run FastDecoder,
-the model's maths over a relaid copy of its weights (Engine(..., fast=False) decodes through model.forward
-instead; the engine copies the weights when built, so build it after loading or training them).
+Speed: the KV cache is allocated once; prompts are prefilled by the model itself, several at once when they
+arrive together (Engine.add_many); decode steps run FastDecoder, the model's maths over relaid copies of its
+weights (Engine(..., fast=False) decodes through model.forward instead; the engine copies the weights when
+built, so build it after loading or training them).
 torch.compile of the decode step was measured on a 2-core CPU: no faster, and two minutes to compile.
 """
 import codecs
@@ -109,7 +111,8 @@ class StaticKVCache:
     """Keys and values for every layer in buffers allocated once: (layers, slots, kv_heads, max_len, head_dim).
 
     The model calls update(k, v, layer) in each attention layer. Before each forward the engine says what the
-    step is: prefill(slot) writes one sequence's prompt at positions 0..T-1 of its slot; decode(positions,
+    step is: prefill(slot) writes the prompts of the batch's rows at positions 0..T-1 of slots slot, slot + 1, ...
+    (right-padded: what lies past a prompt's end is overwritten by its decode steps); decode(positions,
     window) writes one new token for each of the rows 0..n-1 at its own position and returns the first `window`
     positions of those rows (the attention mask hides the unused tail of shorter rows)."""
 
