@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.generate import Engine  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model.generate import Engine, SamplingParams  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 from model.model import Transformer  # noqa: E402
 
@@ -63,6 +64,31 @@ def weight_floor(decoder, model, repeats=20):
     return floors
 
 
+def profile_decode(ours, ref, prompt, steps=10):
+    """Where a decode step's time goes: ours with 1 and with 16 requests in flight (the server's batch), and
+    transformers' generate() for the same number of tokens."""
+    from bench_train import profile_side_by_side
+    params = SamplingParams(temperature=0, max_new_tokens=ours.max_len, ignore_eos=True)
+    batched = Engine(ours.model, None, max_batch=16)
+    for engine, n in ((ours, 1), (batched, 16)):
+        for i in range(n):  # prompts of a few different lengths, as concurrent requests have
+            engine.add(engine.prepare(prompt[0, :prompt.shape[1] - i % 4].tolist(), params))
+
+    def decode(engine):
+        def run():
+            for _ in range(steps):
+                engine.step()
+        return run
+
+    def generate():
+        with torch.inference_mode():
+            ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, do_sample=False)
+
+    profile_side_by_side({"ours 1 row": decode(ours), "ours 16 rows": decode(batched), "transformers": generate},
+                         f"seconds per {steps} decode steps by operator category (transformers: its prompt's "
+                         f"prefill + {steps} tokens)", rest="everything else (norms, rotary, cache, sampling, ...)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt_len", type=int, default=32)
@@ -70,6 +96,9 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="timed runs of each, alternating")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the benchmark, profile our decode step with 1 and 16 requests in flight and "
+                        "transformers' generate() step, by operator category")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,6 +120,8 @@ def main():
         return out.shape[1] - prompt.shape[1]
 
     print(f"machine: {machine()}")
+    if args.profile:
+        return profile_decode(ours, ref, prompt)
     print(f"model: LMConfig() {n_params:.2f}M parameters, fp32, {args.device}; prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens, greedy, batch 1")
     times = {"ours": [], "transformers": []}

@@ -120,13 +120,11 @@ CATEGORIES = (  # (label, substrings of aten op names), first match wins
 )
 
 
-def profile_steps(models, ids, dtype, steps=3):
-    """Self CPU time per operator category for a few steps of each model (alternating, so machine load hits
-    both alike): where the time goes, side by side."""
+def profile_side_by_side(step_fns, title, steps=3, rest="everything else (norms, rotary, SwiGLU, AdamW, ...)"):
+    """Self CPU time per operator category for a few calls of each step function (alternating, so machine load
+    hits all alike), printed side by side, then each one's top operators: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
-    rest = "everything else (norms, rotary, SwiGLU, AdamW, ...)"
-    names = list(models)
-    step_fns = {name: make_step(model, dtype, ids) for name, model in models.items()}
+    names = list(step_fns)
     totals = {name: dict.fromkeys([label for label, _ in CATEGORIES] + [rest], 0.0) for name in names}
     tables = {}
     for name in names:
@@ -140,13 +138,18 @@ def profile_steps(models, ids, dtype, steps=3):
                 label = next((lab for lab, keys in CATEGORIES if any(k in e.key for k in keys)), rest)
                 totals[name][label] += e.self_cpu_time_total / 1e6 / steps
             tables[name] = events.table(sort_by="self_cpu_time_total", row_limit=15)
-    print(f"\n[{dtype}] seconds per step by operator category (self CPU time, mean of {steps} profiled steps):")
+    print(f"\n{title} (self CPU time, mean of {steps} profiled calls):")
     print(f"  {'category':52s}" + "".join(f"{n:>14s}" for n in names))
     for label in totals[names[0]]:
-        print(f"  {label:52s}" + "".join(f"{totals[n][label]:14.3f}" for n in names))
-    print(f"  {'total':52s}" + "".join(f"{sum(totals[n].values()):14.3f}" for n in names))
+        print(f"  {label:52s}" + "".join(f"{totals[n][label]:14.4f}" for n in names))
+    print(f"  {'total':52s}" + "".join(f"{sum(totals[n].values()):14.4f}" for n in names))
     for name in names:
         print(f"\n{name}, top operators:\n{tables[name]}")
+
+
+def profile_steps(models, ids, dtype):
+    step_fns = {name: make_step(model, dtype, ids) for name, model in models.items()}
+    profile_side_by_side(step_fns, f"[{dtype}] seconds per training step by operator category")
 
 
 def main():

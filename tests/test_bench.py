@@ -17,6 +17,8 @@ RUNS = {
                       ["matrix products", "attention (SDPA)", "cross-entropy", "total"]),
     "decode": (["bench/bench_decode.py", "--prompt_len", "8", "--new_tokens", "8", "--rounds", "1"],
                ["ratio", "matrix products alone"]),
+    "decode_profile": (["bench/bench_decode.py", "--prompt_len", "8", "--profile"],
+                       ["ours 16 rows", "matrix products", "attention (SDPA)", "total"]),
     "serve": (["bench/bench_serve.py", "--new_tokens", "4", "--requests", "4", "--levels", "1,4", "--rounds", "1"],
               ["answers unchanged 4/4", "ms per step"]),
     "data": (["bench/bench_data.py", "--gb", "0.002", "--tokens", "20000", "--seconds", "5", "--train_batch", "1",
