@@ -439,10 +439,10 @@ class Engine:
             ids[i, :lengths[i]] = torch.tensor(r.prompt_ids)
         self.active.extend(reqs)
         self.cache.prefill(first)
-        keep = max(lengths) - min(lengths) + 1  # the last positions, which hold every row's last real token
-        logits = self.model(ids.to(self.device), cache=self.cache, logits_to_keep=keep).logits
-        last = torch.tensor(lengths) - max(lengths) + keep - 1
-        self._accept(reqs, logits[torch.arange(len(reqs)), last.to(self.device)])
+        shortest = min(lengths)  # logits from position shortest - 1 on hold every row's last real token
+        logits = self.model(ids.to(self.device), cache=self.cache, logits_to_keep=max(lengths) - shortest + 1).logits
+        last = torch.tensor(lengths, device=self.device) - shortest
+        self._accept(reqs, logits[torch.arange(len(reqs), device=self.device), last])
 
     @staticmethod
     def prefill_groups(reqs, budget=4096):
