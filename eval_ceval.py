@@ -1,4 +1,4 @@
-"""C-Eval: pick the letter A-D whose next-token probability is highest after the chat-formatted question."""
+"""C-Eval and CMMLU: pick the letter A-D whose next-token probability is highest after the chat-formatted question."""
 
 import argparse
 import os
@@ -14,10 +14,12 @@ from model.evaluation import (checked, format_table, load_or_exit, read_ceval_di
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 DETAILS = """\
-Data: a folder of per-subject CSVs with columns id,question,A,B,C,D,answer (`{subject}_val.csv` or any
-*.csv). The default, dataset/ceval/val, is where the real C-Eval `val` split goes (unzip the ceval-exam
-archive into dataset/ceval/: 52 subjects, 1346 questions); the demo world writes its MCQ files to
-dataset/demo/ceval. Cells are stripped of stray whitespace and an empty option stays empty. A row
+Data: a folder of per-subject CSVs, C-Eval's (columns id,question,A,B,C,D,answer; `{subject}_val.csv` or any
+*.csv) or CMMLU's (columns ,Question,A,B,C,D,Answer: an unnamed index first), each file's layout told by its
+header. The default, dataset/ceval/val, is where the real C-Eval `val` split goes (unzip the ceval-exam
+archive into dataset/ceval/: 52 subjects, 1346 questions); for CMMLU unzip its archive into dataset/cmmlu/ and
+pass --data_dir dataset/cmmlu/test (67 subjects, answers included). The demo world writes its MCQ
+files to dataset/demo/ceval. Cells are stripped of stray whitespace and an empty option stays empty. A row
 without an answer is still scored and written to the result CSV, but not counted in the accuracy; the
 tables and summary.json report how many there were ("unanswerable"). An answer other than A-D is an error
 naming the file and line.
@@ -34,7 +36,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, epilog=DETAILS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, default_model="out/full_sft_512.pth")
-    p.add_argument("--data_dir", default="dataset/ceval/val", help="folder of C-Eval CSVs (default: %(default)s)")
+    p.add_argument("--data_dir", default="dataset/ceval/val",
+                   help="folder of C-Eval or CMMLU CSVs (default: %(default)s)")
     p.add_argument("--out_dir", default="out/ceval", help="where result CSVs and summary.json go")
     p.add_argument("--batch_size", type=checked(int, lambda v: v >= 1, ">= 1"), default=8)
     p.add_argument("--limit", type=checked(int, lambda v: v >= 1, ">= 1"), default=None,
@@ -52,14 +55,18 @@ def main(argv=None):
     model.to(DTYPES[args.dtype])
 
     questions = [q for qs in subjects.values() for q in qs]
-    with tqdm(total=len(questions), desc="C-Eval", unit="q", file=sys.stderr) as bar:
+    layouts = {name: qs[0].benchmark for name, qs in subjects.items() if qs}
+    counts = {b: sum(1 for x in layouts.values() if x == b) for b in sorted(set(layouts.values()))}
+    print(f"{len(questions)} questions in {len(subjects)} subject files: "
+          + ", ".join(f"{n} {b}" for b, n in counts.items()))
+    with tqdm(total=len(questions), desc="/".join(counts) or "MCQ", unit="q", file=sys.stderr) as bar:
         results, info = score_questions(model, tokenizer, questions, args.batch_size, model.config.max_seq_len, bar)
     by_subject, i = {}, 0
     for name, qs in subjects.items():
         by_subject[name], i = results[i:i + len(qs)], i + len(qs)
 
     summary = summarize(by_subject)
-    summary.update(model=str(args.model), data_dir=str(args.data_dir), **info)
+    summary.update(model=str(args.model), data_dir=str(args.data_dir), layouts=layouts, **info)
     write_results(args.out_dir, by_subject, summary)
     print(format_table(summary))
     if info["truncated_prompts"]:

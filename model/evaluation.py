@@ -110,7 +110,7 @@ def chat_input_ids(tokenizer, messages, budget):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# C-Eval: multiple-choice questions scored by the next-token probability of A/B/C/D
+# C-Eval (and CMMLU): multiple-choice questions scored by the next-token probability of A/B/C/D
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -122,6 +122,7 @@ class Question:
     question: str
     options: tuple
     answer: str  # "A".."D", or "" when the file gives none (scored, written out, but not counted)
+    benchmark: str = "C-Eval"  # the layout its file had: "C-Eval" or "CMMLU"
 
 
 def subject_name(csv_path, taken):
@@ -133,15 +134,29 @@ def subject_name(csv_path, taken):
     return stem
 
 
+# the two layouts, told apart by the header: {field: column name}
+LAYOUTS = {"C-Eval": {"id": "id", "question": "question", "answer": "answer"},    # id,question,A,B,C,D,answer
+           "CMMLU": {"id": "", "question": "Question", "answer": "Answer"}}      # ,Question,A,B,C,D,Answer
+
+
+def csv_layout(header, path):
+    """(benchmark name, {field: column index}) of a header: C-Eval's (its test split has no answer column) or
+    CMMLU's (an unnamed index column, capitalised Question and Answer)."""
+    name = "CMMLU" if "Question" in header and "question" not in header else "C-Eval"
+    fields = {**LAYOUTS[name], **{letter: letter for letter in LETTERS}}
+    missing = [fields[f] for f in ("question", *LETTERS) if fields[f] not in header]
+    if missing:
+        raise ValueError(f"{path}:1: header lacks column(s) {', '.join(missing)} (need C-Eval's "
+                         f"id,question,A,B,C,D,answer or CMMLU's ,Question,A,B,C,D,Answer)")
+    return name, {f: header.index(column) for f, column in fields.items() if column in header}
+
+
 def read_ceval_csv(path, subject):
-    """Questions of one C-Eval CSV (columns id,question,A,B,C,D,answer); cells stripped, bad rows named by line."""
+    """Questions of one C-Eval or CMMLU CSV (layout from the header); cells stripped, bad rows named by line."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in ("question", *LETTERS) if c not in header]
-        if missing:
-            raise ValueError(f"{path}:1: header lacks column(s) {', '.join(missing)} (need id,question,A,B,C,D,answer)")
-        col = {name: i for i, name in enumerate(header)}
+        benchmark, col = csv_layout(header, path)
         questions, start = [], reader.line_num + 1
         for row in reader:
             lineno, start = start, reader.line_num + 1
@@ -154,7 +169,7 @@ def read_ceval_csv(path, subject):
             if answer and answer not in LETTERS:
                 raise ValueError(f"{path}:{lineno}: answer {answer!r} is not one of A, B, C, D")
             questions.append(Question(subject, cell("id") or str(len(questions)), cell("question"),
-                                      tuple(cell(letter) for letter in LETTERS), answer))
+                                      tuple(cell(letter) for letter in LETTERS), answer, benchmark))
     return questions
 
 
