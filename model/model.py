@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .LMConfig import LMConfig
@@ -176,7 +177,7 @@ class MoEFeedForward(nn.Module):
         return y
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(GradientCheckpointingLayer):  # activation checkpointing when enabled (trl's default)
     def __init__(self, config: LMConfig, layer_idx: int):
         super().__init__()
         self.attention = Attention(config, layer_idx)
@@ -195,6 +196,7 @@ class TransformerBlock(nn.Module):
 @dataclass
 class MiniMindOutput(CausalLMOutputWithPast):
     aux_loss: Optional[torch.FloatTensor] = None
+    last_hidden_state: Optional[torch.FloatTensor] = None  # the final norm's output: trl's fused head reads it
 
 
 def build_attention_mask(attention_mask, T, past_len, device):
@@ -214,7 +216,7 @@ def build_attention_mask(attention_mask, T, past_len, device):
 class Transformer(PreTrainedModel, GenerationMixin):
     config_class = LMConfig
     base_model_prefix = ""
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]
     _supports_sdpa = True
     _tied_weights_keys = {"output.weight": "tok_embeddings.weight"}
@@ -287,7 +289,7 @@ class Transformer(PreTrainedModel, GenerationMixin):
             loss = causal_lm_loss(logits, labels)
             if aux_loss is not None:
                 loss = loss + aux_loss
-        return MiniMindOutput(loss=loss, logits=logits, cache=cache, aux_loss=aux_loss)
+        return MiniMindOutput(loss=loss, logits=logits, cache=cache, aux_loss=aux_loss, last_hidden_state=h)
 
 
 def causal_lm_loss(logits, labels):
