@@ -1,7 +1,9 @@
-"""Export a checkpoint as a transformers folder (our code, trust_remote_code) or as a stock Llama folder."""
+"""Export a checkpoint as a transformers folder (our code, trust_remote_code), a stock Llama folder, or one GGUF
+file for llama.cpp and the tools built on it (ollama, LM Studio)."""
 
 import argparse
 import copy
+import json
 import os
 import shutil
 import sys
@@ -23,14 +25,24 @@ DETAILS = """\
   know Llama can load it. Our rotary rotates channel pairs (2k, 2k+1) of each head; Llama rotates (k, k+d/2).
   Reordering the rows of wq and wk within each head to [0, 2, 4, ..., 1, 3, 5, ...] turns one into the other
   (q.k is unchanged by a permutation applied to both), so the logits stay the same.
-After writing, the folder is loaded back and its logits are compared with the checkpoint's.
+--format gguf [--outtype f32|f16|q8_0]: one .gguf file with the weights, the tokenizer (vocabulary, merges,
+  token types, special ids, GPT-2's byte-level pre-tokenizer) and the chat template. Dense models are llama.cpp's
+  "llama" architecture, MoE models its "bailingmoe" (softmax router, renormalised top-k, ungated shared experts:
+  exactly ours); both rotate consecutive channel pairs as we do, so wq and wk are written unpermuted. Norms and
+  the MoE router stay f32 in every outtype; q8_0 rows whose length is not a multiple of 32 stay f16. --model may
+  also be a --format llama folder (its rotary permutation is undone).
+After writing, the output is loaded back and its logits are compared with the checkpoint's. A GGUF file is read
+back with the gguf package and, when llama-cpp-python is installed, also by llama.cpp itself (tokenization of a
+fixed text set and the logits of one sequence).
 """
 
 
-def rotary_to_llama(weight, n_heads, head_dim):
-    """Rows of a q/k projection reordered from consecutive-pair rotary to Llama's rotate_half layout."""
+def rotary_to_llama(weight, n_heads, head_dim, inverse=False):
+    """Rows of a q/k projection reordered from consecutive-pair rotary to Llama's rotate_half layout (or back)."""
     order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-    return weight.view(n_heads, head_dim, -1)[:, order].reshape(n_heads * head_dim, -1)
+    if inverse:
+        order = order.argsort()
+    return weight.reshape(n_heads, head_dim, -1)[:, order].reshape(n_heads * head_dim, -1)
 
 
 def llama_config(c):
@@ -44,22 +56,62 @@ def llama_config(c):
         architectures=["LlamaForCausalLM"])
 
 
+def llama_names(c):
+    """{our state-dict name: LlamaForCausalLM's} for a dense model."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                 "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                 "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+                 "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+                 "ffn_norm": "post_attention_layernorm"}
+    for i in range(c.n_layers):
+        names.update({f"layers.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight"
+                      for ours, theirs in per_layer.items()})
+    return names
+
+
+def convert_rotary(name, weight, c, inverse=False):
+    """q/k rows permuted between our rotary layout and Llama's; every other tensor unchanged."""
+    hd = c.dim // c.n_heads
+    if name.endswith("attention.wq.weight"):
+        return rotary_to_llama(weight, c.n_heads, hd, inverse)
+    if name.endswith("attention.wk.weight"):
+        return rotary_to_llama(weight, c.n_kv_heads, hd, inverse)
+    return weight
+
+
 def llama_state_dict(model):
     """Our weights under Llama's names, q/k rows permuted for rotate_half."""
     c, sd = model.config, model.state_dict()
-    hd = c.dim // c.n_heads
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["output.weight"]}
-    names = {"attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
-             "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-    for i in range(c.n_layers):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        out[dst + "self_attn.q_proj.weight"] = rotary_to_llama(sd[src + "attention.wq.weight"], c.n_heads, hd)
-        out[dst + "self_attn.k_proj.weight"] = rotary_to_llama(sd[src + "attention.wk.weight"], c.n_kv_heads, hd)
-        for ours, theirs in names.items():
-            out[dst + theirs + ".weight"] = sd[src + ours + ".weight"]
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+    return {theirs: convert_rotary(ours, sd[ours], c).detach().clone().contiguous()
+            for ours, theirs in llama_names(c).items()}
+
+
+def from_llama(folder):
+    """Our dense model from a --format llama folder: the inverse of to_llama."""
+    from transformers import LlamaForCausalLM
+    from model.LMConfig import LMConfig
+    from model.model import Transformer
+    llama = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    lc, sd = llama.config, llama.state_dict()
+    if not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
+        raise ValueError(f"{folder}: lm_head and embed_tokens differ; our model ties them")
+    theta = (getattr(lc, "rope_parameters", None) or {}).get("rope_theta", getattr(lc, "rope_theta", 1e4))
+    c = LMConfig(dim=lc.hidden_size, n_layers=lc.num_hidden_layers, n_heads=lc.num_attention_heads,
+                 n_kv_heads=lc.num_key_value_heads, vocab_size=lc.vocab_size, hidden_dim=lc.intermediate_size,
+                 norm_eps=lc.rms_norm_eps, max_seq_len=lc.max_position_embeddings, rope_theta=float(theta))
+    if getattr(lc, "head_dim", None) not in (None, c.dim // c.n_heads):
+        raise ValueError(f"{folder}: head_dim {lc.head_dim} is not hidden_size / num_attention_heads")
+    model = Transformer(c)
+    model.load_state_dict({ours: convert_rotary(ours, sd[theirs], c, inverse=True)
+                           for ours, theirs in llama_names(c).items()}, strict=True)
+    return model.eval()
+
+
+def is_llama_folder(path):
+    config = Path(path) / "config.json"
+    return config.is_file() and "LlamaForCausalLM" in json.loads(config.read_text()).get("architectures", [])
 
 
 def to_llama(model):
@@ -122,25 +174,67 @@ def export(model, tokenizer_dir, out, fmt="transformers", dtype="float32"):
     return max_logit_diff(model.float(), loaded.eval(), model.config.vocab_size)
 
 
+def export_gguf(model, tokenizer_dir, out, outtype="f32"):
+    """Write the GGUF file, read it back and return (max |logit difference| of what it stores, llama.cpp's check
+    or None when llama-cpp-python is not installed)."""
+    from model.gguf_export import llama_cpp_check, model_from_gguf, write_gguf
+    out = Path(out)
+    if out.is_dir() or (out.is_file() and out.read_bytes()[:4] != b"GGUF"):
+        raise ValueError(f"{out} exists and is not a GGUF file; refusing to replace it")
+    write_gguf(model, tokenizer_dir, out, outtype)
+    diff = max_logit_diff(model.float(), model_from_gguf(out), model.config.vocab_size)
+    try:
+        import llama_cpp  # noqa: F401  (a test requirement; the export works without it)
+    except ImportError:
+        return diff, None
+    return diff, llama_cpp_check(out, model, tokenizer_dir)
+
+
+def load_source(args):
+    """The model to export: a --format llama folder, or whatever load_model reads."""
+    if Path(args.model).is_dir() and is_llama_folder(args.model):
+        return from_llama(args.model)
+    return load_model(args.model, device="cpu", dim=args.dim, n_layers=args.n_layers, use_moe=args.use_moe)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, epilog=DETAILS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
-    p.add_argument("--format", choices=["transformers", "llama"], default="transformers")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved weights")
+    p.add_argument("--out", required=True, help="folder to write, or the .gguf file (replaced if it exists)")
+    p.add_argument("--format", choices=["transformers", "llama", "gguf"], default="transformers")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved weights (folders)")
+    p.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default=None, help="GGUF weight type (default f32)")
     args = p.parse_args(argv)
+    if args.outtype and args.format != "gguf":
+        p.error("--outtype is for --format gguf (folders take --dtype)")
 
     if not Path(args.model).exists():
         sys.exit(f"error: model {args.model} not found")
     if not (Path(args.tokenizer) / "tokenizer.json").is_file():
         sys.exit(f"error: tokenizer folder {args.tokenizer} has no tokenizer.json (pass --tokenizer DIR)")
+    if Path(args.out).resolve() == Path(args.model).resolve():
+        sys.exit(f"error: --out {args.out} is the --model itself; writing there would destroy it")
     try:
-        model = load_model(args.model, device="cpu", dim=args.dim, n_layers=args.n_layers, use_moe=args.use_moe)
-        diff = export(model, args.tokenizer, args.out, args.format, args.dtype)
-    except (CheckpointError, ValueError) as e:
+        model = load_source(args)
+        if args.format == "gguf":
+            diff, check = export_gguf(model, args.tokenizer, args.out, args.outtype or "f32")
+        else:
+            diff = export(model, args.tokenizer, args.out, args.format, args.dtype)
+    except (CheckpointError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {args.format} folder {args.out}; reloaded: max |logit difference| = {diff:.3g}")
+    if args.format != "gguf":
+        print(f"wrote {args.format} folder {args.out}; reloaded: max |logit difference| = {diff:.3g}")
+        return diff
+    print(f"wrote GGUF file {args.out} ({args.outtype or 'f32'}); read back with the gguf package: max |logit "
+          f"difference| = {diff:.3g}")
+    if check is None:
+        print("llama.cpp check skipped: llama-cpp-python is not installed (pip install llama-cpp-python)")
+    else:
+        print(f"llama.cpp: tokenization equal on {check['tokenization_equal']}/{check['texts']} texts, max |logit "
+              f"difference| = {check['max_logit_diff']:.3g} over {check['positions']} positions")
+        if check["tokenization_equal"] < check["texts"]:
+            print("warning: llama.cpp tokenizes some texts differently from the tokenizer folder", file=sys.stderr)
     return diff
 
 
