@@ -29,8 +29,10 @@ Sampling (SamplingParams fields, or keyword arguments of stream/complete):
     repetition_penalty  divide positive / multiply negative logits of tokens already in prompt or answer, 1 = off
     max_new_tokens      None or -1: until the context (config.max_seq_len) is full
     stop                strings that end the answer (not included in it); the eos token </s> always does
-    seed                per-request torch.Generator seed; None = random
+    seed                per-request torch.Generator seed in [-2**63, 2**64); None = random
     ignore_eos          keep going after </s> (benchmarks: a fixed number of tokens)
+Any accepted values give a finite distribution (sampling_probs): the penalty and temperature are applied in
+float64 to logits shifted so the best one is 0, so 1e-300 as temperature or penalty is merely near-greedy.
 
 Completion.finish_reason is "stop" (eos or a stop string), "length" (max_new_tokens or the context is full),
 "cancelled" or "error". A prompt that fills the whole context is cut from the left (the newest tokens stay,
@@ -38,6 +40,8 @@ leaving min(max_new_tokens, max_seq_len // 4) free) and Completion.truncated say
 
 Each request has its own cache slot, position, sampling parameters and generator, so a greedy request gives
 the same tokens whether it runs alone or batched with others (up to float rounding of the batched matmuls).
+An exception while one request's token is picked or delivered ends that request alone (finish_reason "error",
+counted in Engine.counters["failed"]); the others in the batch carry on.
 
 Speed: the KV cache is allocated once; prompts are prefilled by the model itself, several at once when they
 arrive together (Engine.add_many); decode steps run FastDecoder, the model's maths over relaid copies of its
@@ -80,6 +84,7 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("seed", self.seed is None or -2**63 <= self.seed < 2**64, "must fit 64 bits"),
             ("max_new_tokens", self.max_new_tokens in (None, -1) or self.max_new_tokens >= 1,
              "must be >= 1, or -1/None for up to the context limit"),
         ]
@@ -218,26 +223,47 @@ def _stop_prefix_len(text, stops):
     return best
 
 
-def sample_token(logits, params, generator=None, seen=None):
-    """One token id from one row of logits (float32): repetition penalty, then greedy or
-    temperature / top-k / top-p sampling with the request's own generator."""
+FINITE = 1e300  # penalised logits are clamped to +-FINITE: far inside float64, so differences stay finite
+
+
+def penalized_logits(logits, params, seen=None):
+    """One row of logits in float64 after the repetition penalty (divide positive, multiply negative logits of
+    the tokens in `seen`), clamped to a finite range: no penalty, however extreme, can make an inf."""
+    x = logits.to(torch.float64, copy=True)
+    if torch.isnan(x).any():
+        raise FloatingPointError("the model produced NaN logits")
     if params.repetition_penalty != 1.0 and seen is not None:
-        picked = logits[seen]
-        logits = logits.clone()
-        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        picked = x[seen]
+        x[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    return x.clamp_(-FINITE, FINITE)
+
+
+def sampling_probs(logits, params, seen=None):
+    """The distribution a sampled token is drawn from (temperature > 0): repetition penalty, temperature, top-k,
+    top-p. Float64, finite and summing to 1 for any accepted SamplingParams: the best logit is shifted to 0
+    before dividing by the temperature, so exp() never overflows and the best token keeps weight 1."""
+    x = penalized_logits(logits, params, seen)
+    x = (x - x.max()) / params.temperature  # a tiny temperature sends the others to -inf, never the best to NaN
+    if 0 < params.top_k < x.numel():
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = x.softmax(-1)
     if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs > params.top_p  # the nucleus was already full before this token
-        logits = logits.clone()
-        logits[order[outside]] = float("-inf")
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # the nucleus was full before this token
+        probs[order[outside]] = 0.0
+        probs /= probs.sum()
+    return probs
+
+
+def sample_token(logits, params, generator=None, seen=None):
+    """One token id from one row of logits: greedy (argmax) at temperature 0, else drawn from sampling_probs
+    with the request's own generator."""
+    if params.temperature == 0:
+        if params.repetition_penalty == 1.0 or seen is None:
+            return int(logits.argmax())
+        return int(penalized_logits(logits, params, seen).argmax())
+    return int(torch.multinomial(sampling_probs(logits, params, seen), 1, generator=generator))
 
 
 class Request:
@@ -268,12 +294,18 @@ class Request:
         return len(self.token_ids)
 
     def emit(self, delta, finish_reason=None):
+        """Record and deliver a delta; False if on_event raised (logged: the caller decides what it means)."""
         if delta:
             self.pieces.append(delta)
         if finish_reason:
             self.finish_reason = finish_reason
         if self.on_event and (delta or finish_reason):
-            self.on_event(delta, finish_reason)
+            try:
+                self.on_event(delta, finish_reason)
+            except Exception:
+                log.exception("a request's on_event callback failed")
+                return False
+        return True
 
     def result(self):
         return Completion("".join(self.pieces), self.finish_reason, len(self.prompt_ids), self.n_generated,
@@ -394,7 +426,7 @@ class Engine:
         self.eos_id = eos if eos is not None else config.eos_token_id
         self.decoder = FastDecoder(model) if fast else None  # None: decode through model.forward
         self.active = []
-        self.counters = {"completed": 0, "cancelled": 0, "generated_tokens": 0}
+        self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
         self.last = None  # Completion of the latest stream() / complete()
 
     def encode(self, prompt):
@@ -410,6 +442,8 @@ class Engine:
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("empty prompt")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}): the model's vocabulary")
         wanted = params.max_new_tokens if params.max_new_tokens not in (None, -1) else None
         truncated = 0
         if len(ids) >= self.max_len:  # no room for one new token: keep the newest, leaving room to answer
@@ -440,7 +474,14 @@ class Engine:
         self.active.extend(reqs)
         self.cache.prefill(first)
         shortest = min(lengths)  # logits from position shortest - 1 on hold every row's last real token
-        logits = self.model(ids.to(self.device), cache=self.cache, logits_to_keep=max(lengths) - shortest + 1).logits
+        try:
+            logits = self.model(ids.to(self.device), cache=self.cache,
+                                logits_to_keep=max(lengths) - shortest + 1).logits
+        except Exception:  # nothing of these requests was kept: their slots are free again
+            del self.active[first:]
+            for r in reqs:
+                r.slot, r.n_cached = None, 0
+            raise
         last = torch.tensor(lengths, device=self.device) - shortest
         self._accept(reqs, logits[torch.arange(len(reqs), device=self.device), last])
 
@@ -480,28 +521,47 @@ class Engine:
         self._accept(reqs, logits)
 
     def _accept(self, reqs, logits):
-        """Sample each row's next token, stream its text, and retire the requests that are done."""
+        """Sample each row's next token, stream its text, and retire the requests that are done. A request whose
+        token cannot be picked or delivered fails alone; the other rows carry on."""
         logits = logits.float()
         for i, r in enumerate(reqs):
-            token = sample_token(logits[i], r.params, r.generator, r.seen)
-            r.token_ids.append(token)
-            self.counters["generated_tokens"] += 1
-            finish = None
-            if token == self.eos_id and not r.params.ignore_eos:
-                delta, finish = r.text.flush(), "stop"
-            else:
-                r.last_token = token
-                if r.seen is not None:
-                    r.seen[token] = True
-                delta, hit = r.text.push(token)
-                if hit:
-                    finish = "stop"
-                elif r.n_generated >= r.max_new:
-                    delta, finish = delta + r.text.flush(), "length"
+            try:
+                delta, finish = self._next_token(r, logits[i])
+            except Exception:
+                log.exception("request failed while producing its token; the rest of the batch goes on")
+                self._fail(r)
+                continue
             if finish:
                 self._retire(r)
                 self.counters["completed"] += 1
-            r.emit(delta, finish)
+            if not r.emit(delta, finish) and not finish:  # nobody can receive its tokens: stop it alone
+                self._fail(r, notify=False)
+
+    def _next_token(self, r, logits):
+        """(text delta, finish_reason or None) after sampling one more token for request r."""
+        token = sample_token(logits, r.params, r.generator, r.seen)
+        r.token_ids.append(token)
+        self.counters["generated_tokens"] += 1
+        if token == self.eos_id and not r.params.ignore_eos:
+            return r.text.flush(), "stop"
+        r.last_token = token
+        if r.seen is not None:
+            r.seen[token] = True
+        delta, hit = r.text.push(token)
+        if hit:
+            return delta, "stop"
+        if r.n_generated >= r.max_new:
+            return delta + r.text.flush(), "length"
+        return delta, None
+
+    def _fail(self, req, notify=True):
+        """End one request with finish_reason "error" (its slot freed); the others are untouched."""
+        if req.slot is not None:
+            self._retire(req)
+        self.counters["failed"] += 1
+        if notify:
+            req.emit("", "error")
+        req.finish_reason = "error"
 
     def cancel(self, req):
         """Stop a request now; its slot is free for the next one."""
@@ -612,6 +672,19 @@ class Scheduler:
             self.cond.notify()
         self.thread.join(timeout=10)
 
+    def _prefill(self, group):
+        """Prefill a group together; if that forward fails, each request alone, so only the culprit fails."""
+        try:
+            self.engine.add_many(group)
+            return
+        except Exception:
+            if len(group) == 1:
+                log.exception("prefill failed; failing that request alone")
+                self.engine._fail(group[0])
+                return
+        for req in group:
+            self._prefill([req])
+
     def _run(self):
         torch.set_num_threads(self.threads)  # per thread under OpenMP
         engine = self.engine
@@ -630,7 +703,7 @@ class Scheduler:
                     engine.counters["cancelled"] += 1
                     req.emit("", "cancelled")
                 for group in engine.prefill_groups([r for r in joining if not r.cancelled]):
-                    engine.add_many(group)
+                    self._prefill(group)
                 for req in [r for r in engine.active if r.cancelled]:
                     engine.cancel(req)
                 decoding = time.perf_counter()
@@ -639,9 +712,7 @@ class Scheduler:
                     self.steps += 1
                 self.busy_seconds["prefill"] += decoding - started
                 self.busy_seconds["decode"] += time.perf_counter() - decoding
-            except Exception:
-                log.exception("generation step failed; failing the requests in flight")
+            except Exception:  # a decode forward is shared by the whole batch: it fails them all
+                log.exception("decode step failed; failing the requests in flight")
                 for req in list(engine.active) + [r for r in joining if r.slot is None and not r.finish_reason]:
-                    if req.slot is not None:
-                        engine._retire(req)
-                    req.emit("", "error")
+                    engine._fail(req)
