@@ -1,6 +1,6 @@
 """Stage 4, LoRA: adapt an SFT model with small low-rank adapters (peft) while its own weights stay frozen."""
+import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from model import trainer as T
@@ -13,7 +13,8 @@ TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 def save_adapter(peft_model, weights_path):
     """The adapter folder (peft format) beside the state files, swapped in whole."""
     folder = Path(weights_path).with_suffix("")
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")  # made by peft: the user's usual permissions
+    shutil.rmtree(tmp, ignore_errors=True)
     peft_model.save_pretrained(tmp)
     if folder.exists():
         shutil.rmtree(folder)

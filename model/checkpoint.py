@@ -1,9 +1,11 @@
 """Reading and writing model weights: our .pth files with a JSON config sidecar, published v1 .pth files
-and exported transformers folders, always atomically on write and weights-only on read."""
+and exported transformers folders, always atomically on write and weights-only on read (nothing read from a
+file runs code), with one-line errors that name the file."""
 import json
 import os
+import pickle
 import re
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -19,19 +21,35 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or does not fit the requested model shape."""
 
 
+class WriteError(CheckpointError, OSError):
+    """A file that could not be written, named in one line (an OSError too, for callers that catch those)."""
+
+
+def first_line(e, limit=300):
+    """An exception as one short line (torch and transformers messages run over many lines)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def atomic_write(path, write_fn):
-    """Run write_fn(tmp_path), then rename over path: readers never see a half-written file."""
+    """Run write_fn(tmp_path), then rename over path: readers never see a half-written file. write_fn creates
+    the temporary file, so it gets the user's usual permissions (not mkstemp's 0600). A failure is a WriteError
+    naming `path`; the old file, if any, is kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"  # unique: never another file
     try:
-        write_fn(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_fn(str(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+    except RuntimeError as e:  # torch.save reports a failed write (disk full, folder gone) as RuntimeError
+        raise WriteError(f"cannot write {path}: {first_line(e)}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp.exists():
             os.remove(tmp)
 
 
@@ -48,21 +66,57 @@ def save_weights(model, path, config: LMConfig = None):
     atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+def load_tensors(path):
+    """torch.load with weights_only=True: tensors and plain data only, so nothing in the file can run code.
+    Any failure is a CheckpointError saying in one line what is wrong with the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = first_line(e)
+        if "weights" in why.lower():  # torch's refusal of a pickled object; its advice would be to trust the file
+            why = "it holds pickled Python objects besides tensors and plain data (refused: loading them could run code)"
+        raise CheckpointError(f"cannot read {path}: {why}") from None
+    except Exception as e:  # truncated or not a torch file
+        reason = first_line(e, 160).split(". ")[0]  # torch adds sentences of advice after the reason
+        raise CheckpointError(f"cannot read {path}: not a complete torch file, truncated or corrupt "
+                              f"({type(e).__name__}: {reason})") from None
+
+
 def load_state_dict(path):
+    """The tensors of a .pth file (weights only: a pickled object that is not plain data is refused, never run)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a .pth file (an exported folder needs config.json)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    state = load_tensors(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a full training state: take its weights
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path} is not a model state dict (name -> tensor); it holds a "
+                              f"{type(state).__name__}")
     return strip_compile_prefix(state)
+
+
+def read_sidecar(path, overrides=None) -> LMConfig:
+    """The LMConfig in the JSON sidecar `path` (a .pth's .json), with shape overrides; errors name the file."""
+    try:
+        fields = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the model config {path}: {first_line(e)}") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of LMConfig fields, got {type(fields).__name__}")
+    try:
+        return LMConfig(**{**fields, **(overrides or {})})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {first_line(e)}") from None
 
 
 def infer_config(state, n_heads: int = 16, **overrides) -> LMConfig:
     """Work out the model shape from the tensor shapes of a state dict (head count cannot be seen: default 16)."""
+    if "tok_embeddings.weight" not in state or "layers.0.attention.wk.weight" not in state:
+        raise CheckpointError(f"not a MiniMind checkpoint: no tok_embeddings.weight / layers.0 tensors "
+                              f"(it has {', '.join(list(state)[:3])}{', ...' if len(state) > 3 else ''})")
     vocab_size, dim = state["tok_embeddings.weight"].shape
     n_layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k)))
     n_heads = overrides.pop("n_heads", n_heads)
@@ -82,11 +136,20 @@ def infer_config(state, n_heads: int = 16, **overrides) -> LMConfig:
 def config_for(path, **overrides) -> LMConfig:
     """The LMConfig of a .pth: from its JSON sidecar when present, else from the tensor shapes."""
     side = sidecar_path(path)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if side.is_file():
-        fields = json.loads(side.read_text())
-        fields.update({k: v for k, v in overrides.items() if v is not None})
-        return LMConfig(**fields)
-    return infer_config(load_state_dict(path), **{k: v for k, v in overrides.items() if v is not None})
+        return read_sidecar(side, overrides)
+    return shape_from_tensors(load_state_dict(path), path, overrides)
+
+
+def shape_from_tensors(state, path, overrides):
+    try:
+        return infer_config(state, **overrides)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot work out the model shape from its tensors ({first_line(e)}); "
+                              "pass --dim/--n_layers, or keep the .json written beside it") from None
 
 
 def check_shapes(state, model, source):
@@ -118,15 +181,17 @@ def load_model(path, device="cpu", dtype=None, **shape) -> Transformer:
     """A model from an exported folder, our .pth (sidecar config) or a published v1 .pth (shape from flags or tensors)."""
     path = Path(path)
     if path.is_dir():
-        model = Transformer.from_pretrained(path)
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is a folder without config.json: not an exported model folder")
+        try:
+            model = Transformer.from_pretrained(path)
+        except Exception as e:  # corrupt config.json or weights, missing shards, another architecture
+            raise CheckpointError(f"cannot load the model folder {path}: {first_line(e)}") from None
     else:
         state = load_state_dict(path)
         side = sidecar_path(path)
         overrides = {k: v for k, v in shape.items() if v is not None}
-        if side.is_file():
-            config = LMConfig(**{**json.loads(side.read_text()), **overrides})
-        else:
-            config = infer_config(state, **overrides)
+        config = read_sidecar(side, overrides) if side.is_file() else shape_from_tensors(state, path, overrides)
         model = Transformer(config)
         check_shapes(state, model, path)
         model.load_state_dict(state, strict=True)
@@ -150,9 +215,23 @@ def add_model_args(parser, default_model=None):
     return parser
 
 
+def load_tokenizer_dir(folder, vocab_size=None):
+    """A tokenizer folder, checked to fit a model's embedding table; errors are one line naming the folder."""
+    from transformers import AutoTokenizer
+    if not (Path(folder) / "tokenizer.json").is_file():
+        raise CheckpointError(f"tokenizer folder {folder} has no tokenizer.json; the shipped one is "
+                              "model/minimind_tokenizer (or build one with `python train_tokenizer.py`)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # corrupt JSON, a tokenizer.json of another library version, bad config
+        raise CheckpointError(f"cannot load the tokenizer in {folder}: {first_line(e)}") from None
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise CheckpointError(f"tokenizer {folder} has {len(tokenizer)} tokens but the model's vocab_size is "
+                              f"{vocab_size}: they were not trained together (pass the matching --tokenizer)")
+    return tokenizer
+
+
 def load_model_and_tokenizer(args):
     """Model (eval mode, on args.device) and tokenizer from the flags of add_model_args."""
-    from transformers import AutoTokenizer
     model = load_model(args.model, device=args.device, dim=args.dim, n_layers=args.n_layers, use_moe=args.use_moe)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    return model, tokenizer
+    return model, load_tokenizer_dir(args.tokenizer, model.config.vocab_size)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, atomic_write, save_weights, DEFAULT_TOKENIZER
+from .checkpoint import CheckpointError, atomic_write, first_line, load_tensors, save_weights, DEFAULT_TOKENIZER
 
 
 class TrainError(Exception):
@@ -60,7 +60,10 @@ def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=
                    help="embedding rows (default 6400, or the --init checkpoint's); at least the tokenizer's size")
     p.add_argument("--max_seq_len", type=int, default=max_seq_len, help="samples are truncated to this many tokens")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
-    p.add_argument("--resume", action="store_true", help="continue from the latest good state in --out_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the latest good state in --out_dir; "
+                   "stops if the states there cannot be read or only the weights exist (see --fresh)")
+    p.add_argument("--fresh", action="store_true", help="start from the beginning even with --resume, replacing "
+                   "the weights and states of an earlier run in --out_dir (the default without --resume)")
     p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config file, or a ZeRO stage number")
     p.add_argument("--seed", type=int, default=1337)
     return p
@@ -112,6 +115,8 @@ def default_init(args, prefix):
 
 
 def require_data(path, how):
+    if Path(path).is_dir():
+        raise TrainError(f"--data_path {path} is a folder; pass the data file in it (made by `{how}`)")
     if not Path(path).is_file():
         raise TrainError(f"data file {path} not found; make it with `{how}` or pass --data_path")
 
@@ -236,53 +241,96 @@ def sequence_logps(model, input_ids, labels, autocast):
 
 # ----------------------------------------------------------------------------- training state
 
+STATE_FORMAT = "minimind-train-state-2"  # 2: random states as tensors, so weights_only=True loads it
+
+
 class StateFiles:
     """`<stem>.state.pt` is the latest good training state, `<stem>.state.prev.pt` the one before it.
-    A new state is written to a temporary file and renamed in; the previous one survives until then."""
+    A new state is written to a temporary file and renamed in; the previous one survives until then.
+    States are read with weights_only=True: a state file cannot run code."""
 
     def __init__(self, out_dir, stem):
         self.latest = Path(out_dir) / f"{stem}.state.pt"
         self.previous = Path(out_dir) / f"{stem}.state.prev.pt"
 
-    def save(self, state):
-        tmp = self.latest.with_suffix(".tmp")
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if self.latest.exists():
-            os.replace(self.latest, self.previous)
-        os.replace(tmp, self.latest)
+    def save(self, state, keep_previous=True):
+        """keep_previous=False: the first save of a fresh run, whose older states belong to another run."""
+        def write(tmp):
+            torch.save(state, tmp)
+            if self.latest.exists() and keep_previous:
+                os.replace(self.latest, self.previous)
+            elif self.previous.exists() and not keep_previous:
+                self.previous.unlink()
+        atomic_write(self.latest, write)
 
     def load(self, say):
+        """The newest readable state, or None when there is no state file at all. State files that exist but
+        cannot be read stop the run: starting over would silently replace what they describe."""
+        problems = []
         for path in (self.latest, self.previous):
             if not path.exists():
                 continue
             try:
-                state = torch.load(path, map_location="cpu", weights_only=False)
-                if not isinstance(state, dict) or state.get("format") != "minimind-train-state-1":
-                    raise ValueError("not a training state written by this engine")
-                if path == self.previous:
-                    say(f"resume: the latest state {self.latest.name} is missing or unreadable; "
-                        f"using the previous one {path.name} (step {state['step']})")
-                return state
-            except Exception as e:
-                say(f"resume: {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); trying the previous state")
+                state = load_tensors(path)
+                if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+                    raise CheckpointError(f"{path} is not a training state written by this version of the engine")
+            except CheckpointError as e:
+                problems.append(first_line(e, 240))
+                continue
+            if problems:
+                say(f"resume: the latest state is unreadable ({problems[0]}); using the previous state {path.name} "
+                    f"(step {state['step']})")
+            elif path == self.previous:
+                say(f"resume: the latest state {self.latest.name} is missing; using the previous one {path.name} "
+                    f"(step {state['step']})")
+            return state
+        if problems:
+            raise TrainError(f"--resume: no readable training state ({'; '.join(problems)}); restore one, or pass "
+                             "--fresh to start over and replace this run's weights")
         return None
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random state the run depends on, as tensors and plain numbers (weights_only=True can load them)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_metrics(path, say=None):
+    """The records of a metrics file. A line that is not a JSON record (a run killed while writing it) is
+    skipped, and say() is told which one."""
+    rows = []
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            if say:
+                say(f"{path}:{n}: skipped a torn line (not a JSON record; a run was stopped while writing it)")
+            continue
+        rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -333,6 +381,7 @@ class Trainer:
                     model, device_ids=ids, find_unused_parameters=bool(getattr(model.config, "use_moe", False)))
         self.step, self.epoch, self.position, self.tokens_seen = 0, 0, 0, 0
         self.saved_step = None
+        self.resumed = False  # set when --resume found a state (its "previous" state is then this run's too)
         self.stop_requested = False
         self.wandb = None
 
@@ -382,9 +431,8 @@ class Trainer:
             self.ds_engine.save_checkpoint(str(Path(self.args.out_dir) / f"{self.stem}.deepspeed"),
                                            tag="latest_state")
         if rt.is_main:
-            self.save_fn(self.model, self.out_weights)
             state = {
-                "format": "minimind-train-state-1",
+                "format": STATE_FORMAT,
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": None if self.ds_engine is not None else self.optimizer.state_dict(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
@@ -393,7 +441,13 @@ class Trainer:
                 "total_steps": self.total_steps, "rng": rngs, "seed": self.args.seed,
                 "deepspeed": self.ds_engine is not None,
             }
-            self.states.save(state)
+            try:
+                self.save_fn(self.model, self.out_weights)
+                # the first save of a fresh run must not keep an earlier run's state as its "previous"
+                self.states.save(state, keep_previous=self.resumed or self.saved_step is not None)
+            except OSError as e:  # a WriteError naming the file, or the OS's own message
+                raise TrainError(f"{first_line(e)}; the states written before are intact: free the folder and "
+                                 "rerun with --resume") from None
         self.saved_step = self.step
         rt.barrier()
 
@@ -401,8 +455,12 @@ class Trainer:
         rt, a = self.rt, self.args
         state = self.states.load(rt.print)
         if state is None:
+            if self.out_weights.exists():
+                raise TrainError(f"--resume: no training state for {self.stem} in {a.out_dir}, but "
+                                 f"{self.out_weights} exists; pass --fresh to train from the beginning and replace it")
             rt.print(f"resume: no training state for {self.stem} in {a.out_dir}; starting from the beginning")
             return
+        self.resumed = True
         self.model.load_state_dict(state["model"])
         if self.ds_engine is not None:
             self.ds_engine.load_checkpoint(str(Path(a.out_dir) / f"{self.stem}.deepspeed"), tag="latest_state",
@@ -426,10 +484,11 @@ class Trainer:
         self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step):
+        """Keep the metrics up to the resumed step (a torn line of the killed run is dropped, and said so)."""
         if not (self.rt.is_main and self.metrics_path.exists()):
             return
-        kept = [l for l in self.metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in kept)))
+        kept = [r for r in read_metrics(self.metrics_path, self.rt.print) if r["step"] <= step]
+        atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
     # -- the loop
 
@@ -449,7 +508,7 @@ class Trainer:
 
     def fit(self):
         a, rt = self.args, self.rt
-        if a.resume:
+        if a.resume and not getattr(a, "fresh", False):
             self.try_resume()
         elif rt.is_main and self.metrics_path.exists():
             self.metrics_path.unlink()
@@ -551,8 +610,12 @@ class Trainer:
         record = {"step": self.step, "epoch": self.epoch, **metrics, "tokens": self.tokens_seen,
                   "tokens_per_s": round(tok_s, 1),
                   "time": round(time.time(), 3)}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise TrainError(f"cannot write {self.metrics_path}: {e.strerror or e}; the states written before are "
+                             "intact: free the folder and rerun with --resume") from None
         extra = "".join(f" {k} {metrics[k]:.4f}" for k in self.metric_names if k in metrics)
         print(f"{self.stem} step {self.step}/{self.total_steps} epoch {self.epoch + 1}/{self.args.epochs} "
               f"loss {metrics['loss']:.4f}{extra} lr {metrics['lr']:.3e} {tok_s:.0f} tok/s "
@@ -569,7 +632,7 @@ def plot_metrics(metrics_path, png_path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(l) for l in Path(metrics_path).read_text().splitlines() if l.strip()]
+    rows = read_metrics(metrics_path, print)
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -594,7 +657,10 @@ def run(main):
     try:
         main()
     except user_errors as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {first_line(e, 1000)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a file or folder the run needs cannot be read or written: the OS says which
+        print(f"error: {first_line(e, 1000)}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_available() and dist.is_initialized():
@@ -603,11 +669,11 @@ def run(main):
 
 def load_tokenizer(args, model):
     """The --tokenizer folder, checked to fit the model's embedding table."""
-    from transformers import AutoTokenizer
+    from .checkpoint import load_tokenizer_dir
     if not Path(args.tokenizer).is_dir():
         raise TrainError(f"tokenizer folder {args.tokenizer} not found; the shipped one is model/minimind_tokenizer "
                          "(or train one with `python train_tokenizer.py`)")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer_dir(args.tokenizer)
     if len(tokenizer) > model.config.vocab_size:
         raise TrainError(f"tokenizer {args.tokenizer} has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}; pass --vocab_size {len(tokenizer)} (or more) for a new model")

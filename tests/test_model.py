@@ -508,7 +508,7 @@ LOAD_REMOTE = textwrap.dedent("""
     import sys, torch
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(1)  # same reduction order as the test process, so logits are bit-identical
-    ids = torch.load(sys.argv[1])
+    ids = torch.load(sys.argv[1], weights_only=True)
     for folder, out in zip(sys.argv[2::2], sys.argv[3::2]):
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
@@ -537,7 +537,7 @@ def test_save_pretrained_loads_with_auto_class_offline_elsewhere(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     for name, want in zip(("dense", "moe"), expected):
-        torch.testing.assert_close(torch.load(tmp_path / f"{name}.pt"), want, atol=0, rtol=0)
+        torch.testing.assert_close(torch.load(tmp_path / f"{name}.pt", weights_only=True), want, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------- generation
