@@ -29,6 +29,15 @@ def ask(client, args, history):
     return "".join(pieces)
 
 
+def is_text(s):
+    """False for a string holding undecodable bytes of the command line (Python keeps them as lone surrogates)."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default="http://127.0.0.1:8998/v1")
@@ -45,6 +54,9 @@ def main():
     p.add_argument("--max_tokens", type=int, default=-1, help="-1: up to the model's context limit")
     args = p.parse_args()
 
+    for flag, text in (("--once", args.once), ("--system", args.system)):
+        if text is not None and not is_text(text):
+            sys.exit(f"error: {flag}: not valid UTF-8 text")
     client = OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0)
     try:
         args.model = args.model or client.models.list().data[0].id
@@ -58,6 +70,9 @@ def main():
                     question = input("\n👶: ").strip()
                 except EOFError:
                     break
+                except UnicodeDecodeError:
+                    print("error: that line is not valid UTF-8 text; type it again", file=sys.stderr)
+                    continue
                 if not question:
                     break
                 print("🤖: ", end="", flush=True)

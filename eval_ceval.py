@@ -67,7 +67,10 @@ def main(argv=None):
 
     summary = summarize(by_subject)
     summary.update(model=str(args.model), data_dir=str(args.data_dir), layouts=layouts, **info)
-    write_results(args.out_dir, by_subject, summary)
+    try:
+        write_results(args.out_dir, by_subject, summary)
+    except OSError as e:  # model.checkpoint.WriteError names the file
+        sys.exit(f"error: {e}")
     print(format_table(summary))
     if info["truncated_prompts"]:
         print(f"{info['truncated_prompts']} prompt(s) longer than {model.config.max_seq_len} tokens kept their end")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import CheckpointError, add_model_args, load_model
+from model.checkpoint import CheckpointError, add_model_args, load_model, load_tokenizer_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -217,6 +217,7 @@ def main(argv=None):
         sys.exit(f"error: --out {args.out} is the --model itself; writing there would destroy it")
     try:
         model = load_source(args)
+        load_tokenizer_dir(args.tokenizer, model.config.vocab_size)  # before writing: a broken folder is named
         if args.format == "gguf":
             diff, check = export_gguf(model, args.tokenizer, args.out, args.outtype or "f32")
         else:

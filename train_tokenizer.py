@@ -41,6 +41,7 @@ def read_texts(path, holdout_every=0, heldout=None, max_heldout_chars=2_000_000)
                 row = json.loads(raw)  # ValueError on bad JSON or bad UTF-8
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     raise ValueError('expected an object with a string "text"')
+                row["text"].encode("utf-8")  # a lone surrogate escape (\ud800) is half a character, not text
             except ValueError as e:
                 raise ValueError(f"{path}:{lineno}: bad line: {str(e).splitlines()[0]}") from None
             text = row["text"]
@@ -140,12 +141,20 @@ def main():
             print(f"{name:18s} {n:7d} lines {chars:10d} chars")
         print(f"wrote {args.data_path} from {versions}")
         return
-    if not os.path.exists(args.data_path):
-        sys.exit(f"{args.data_path} not found (python train_tokenizer.py --make_corpus writes one)")
+    if not os.path.isfile(args.data_path):
+        what = "is a folder, not a JSONL file" if os.path.isdir(args.data_path) else "not found"
+        sys.exit(f"error: {args.data_path} {what} (python train_tokenizer.py --make_corpus writes one)")
     try:
+        os.makedirs(args.out_dir, exist_ok=True)  # before training: an unwritable folder fails at once
         heldout = train(args.data_path, args.out_dir, args.vocab_size, args.holdout_every)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: cannot write the tokenizer to {args.out_dir}: {e}")
+    except Exception as e:  # the tokenizers library reports a failed save as its own exception type
+        if "os error" not in str(e).lower():
+            raise
+        sys.exit(f"error: cannot write the tokenizer to {args.out_dir}: {str(e).splitlines()[0]}")
     print(f"saved {args.out_dir}")
     check(args.out_dir, heldout)
 

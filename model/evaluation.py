@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_write, load_model_and_tokenizer
+from .checkpoint import CheckpointError, atomic_write, first_line, load_model_and_tokenizer
 from .dataset import format_mcq  # the MCQ layout the SFT data teaches; scoring must ask the same way
 
 # ---------------------------------------------------------------------------------------------------------
@@ -49,18 +49,22 @@ def read_prompts(path):
     if not Path(path).is_file():
         sys.exit(f"error: prompt file {path} not found")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                sys.exit(f"error: {path}:{lineno}: invalid UTF-8 at byte {e.start} of the line")
             if not line:
                 continue
             if line.startswith("{"):
                 try:
                     row = json.loads(line)
                     line = next(row[k] for k in ("prompt", "question", "text", "content", "q") if k in row)
+                    str(line).encode("utf-8")  # a lone surrogate escape (\ud800) is half a character
                 except (ValueError, StopIteration) as e:
                     what = "no prompt/question/text/content field" if isinstance(e, StopIteration) else e
-                    sys.exit(f"error: {path}:{lineno}: bad JSON prompt line: {what}")
+                    sys.exit(f"error: {path}:{lineno}: bad JSON prompt line: {first_line(what)}")
             prompts.append(str(line))
     if not prompts:
         sys.exit(f"error: {path} holds no prompts")
@@ -185,8 +189,21 @@ def read_ceval_dir(data_dir, limit=None):
     subjects = {}
     for path in files:
         name = subject_name(path, subjects)
-        subjects[name] = read_ceval_csv(path, name)[:limit]
+        try:
+            subjects[name] = read_ceval_csv(path, name)[:limit]
+        except UnicodeDecodeError:
+            with open(path, "rb") as f:
+                bad = next((n for n, raw in enumerate(f, 1) if not is_utf8(raw)), "?")
+            raise ValueError(f"{path}:{bad}: invalid UTF-8 (save the file as UTF-8)") from None
     return subjects
+
+
+def is_utf8(raw):
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def mcq_prompt_ids(tokenizer, q: Question):
