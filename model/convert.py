@@ -372,10 +372,13 @@ def dpo_record(obj):
 
 @contextmanager
 def atomic_open(path):
-    """A text file that appears at `path` only once completely written."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """A text file that appears at `path` only once completely written (as PATH.tmp until then)."""
     tmp = f"{path}.tmp"
-    f = open(tmp, "w", encoding="utf-8", newline="")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        f = open(tmp, "w", encoding="utf-8", newline="")
+    except OSError as e:
+        raise DataError(f"{path}: cannot write here: {e.strerror or e}") from None
     try:
         yield f
         f.flush()
@@ -391,18 +394,47 @@ def atomic_open(path):
         raise
 
 
+def check_paths(in_path, out_path, *also_written):
+    """Refuse a run that could not work or would destroy raw data: the input must be a file, and no file
+    written (the output, its bad-lines list) may be the input itself, whatever links lead there."""
+    if os.path.isdir(in_path):
+        raise DataError(f"{in_path}: is a folder; --input must be a data file")
+    if not os.path.isfile(in_path):
+        raise DataError(f"{in_path}: input file not found")
+    if os.path.isdir(out_path):
+        raise DataError(f"{out_path}: is a folder; --output must be a file path (e.g. {out_path}/out.jsonl)")
+    for target in (out_path, *also_written):
+        if os.path.realpath(target) == os.path.realpath(in_path) or (
+                os.path.exists(target) and os.path.samefile(target, in_path)):
+            raise DataError(f"{target}: is the input file {in_path}; writing it would destroy the raw data, "
+                            "choose another --output")
+
+
+def surrogate_field(obj, path=""):
+    """Which field of a record holds a lone UTF-16 surrogate (a JSON escape such as \\ud800, half of a
+    character, which no file can hold as text): 'text', 'conversations[1].content', ...; None if none does."""
+    if isinstance(obj, str):
+        return path or "the record" if re.search("[\ud800-\udfff]", obj) else None
+    children = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in children:
+        found = surrogate_field(value, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        if found:
+            return found
+    return None
+
+
 def convert(in_path, out_path, make_record, *, skip_bad=False, max_line_bytes=DEFAULT_MAX_LINE_BYTES,
-            csv_header=None, progress=None):
+            csv_header=None, progress=None, allow_empty=False):
     """Stream in_path through make_record into out_path; returns the counts (a Counter).
 
     Bad records stop the run with DataError('IN:LINE: problem') unless skip_bad, in which case
     their line numbers go to OUT.bad_lines.txt. make_record returns (record, None) or
-    (None, drop_reason); a BadRecord it raises is a bad record.
+    (None, drop_reason); a BadRecord it raises is a bad record. An output with no records is an
+    error (nothing is written) unless allow_empty.
     """
-    if not os.path.isfile(in_path):
-        raise DataError(f"{in_path}: input file not found")
-    stats = Counter()
     bad_path = f"{out_path}.bad_lines.txt"
+    check_paths(in_path, out_path, f"{out_path}.tmp", *([bad_path] if skip_bad else []))
+    stats = Counter()
     # progress=None: a bar only on a terminal; False: never
     bar = tqdm(total=os.path.getsize(in_path), unit="B", unit_scale=True, desc=os.path.basename(in_path),
                disable=True if progress is False else None, mininterval=1.0)
@@ -419,6 +451,15 @@ def convert(in_path, out_path, make_record, *, skip_bad=False, max_line_bytes=DE
                         record, dropped = make_record(obj)
                     except BadRecord as e:
                         problem = e.problem
+                if problem is None and not dropped:
+                    try:  # a failed encode writes nothing: the text layer encodes a whole write at once
+                        if writer:
+                            writer.writerow(record)
+                        else:
+                            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    except UnicodeEncodeError:
+                        problem = (f"invalid Unicode in field '{surrogate_field(obj) or '(a key)'}': a lone "
+                                   "surrogate, i.e. a JSON escape such as \\ud800 that is half of a character")
                 if problem is not None:
                     if not skip_bad:
                         raise DataError(f"{in_path}:{line}: {problem}")
@@ -429,14 +470,15 @@ def convert(in_path, out_path, make_record, *, skip_bad=False, max_line_bytes=DE
                     stats[f"dropped:{dropped}"] += 1
                     continue
                 stats["kept"] += 1
-                if writer:
-                    writer.writerow(record)
-                else:
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 if stats["read"] % 4096 == 0:
                     bar.set_postfix(kept=stats["kept"], dropped=stats["read"] - stats["kept"], refresh=False)
+            if not stats["kept"] and not allow_empty:
+                raise DataError(f"{in_path}: no record kept ({describe_counts(stats)}); nothing was written. "
+                                f"Pass --allow-empty to write an empty {out_path} anyway")
     except BadRecord as e:  # a fatal problem in the file's structure (JSON arrays)
         raise DataError(f"{in_path}:{e.line}: {e.problem}") from None
+    except OSError as e:  # the output folder is unwritable or full
+        raise DataError(f"{out_path}: cannot write: {e.strerror or e}") from None
     finally:
         bar.close()
     if skip_bad:
@@ -447,9 +489,24 @@ def convert(in_path, out_path, make_record, *, skip_bad=False, max_line_bytes=DE
     return stats
 
 
+def dropped_counts(stats):
+    return {k.split(":", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("dropped:")}
+
+
+def describe_counts(stats):
+    """'read 3 records, 3 dropped (longer_than_512_chars: 3)' in one line."""
+    dropped = dropped_counts(stats)
+    parts = [f"read {stats['read']} records"]
+    if dropped:
+        parts.append(f"{sum(dropped.values())} dropped ({', '.join(f'{k}: {v}' for k, v in dropped.items())})")
+    if stats["malformed"]:
+        parts.append(f"{stats['malformed']} malformed")
+    return ", ".join(parts)
+
+
 def summary(stats, out_path, skip_bad):
     """The human-readable end-of-run report: nothing read is left unaccounted for."""
-    dropped = {k.split(":", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("dropped:")}
+    dropped = dropped_counts(stats)
     lines = [f"read {stats['read']} records ({stats['empty_lines']} blank lines skipped)",
              f"kept {stats['kept']} -> {out_path}",
              f"dropped {sum(dropped.values())}" + "".join(f"\n  {k}: {v}" for k, v in dropped.items())]
