@@ -23,6 +23,8 @@ RUNS = {
               ["answers unchanged 4/4", "ms per step"]),
     "data": (["bench/bench_data.py", "--gb", "0.002", "--tokens", "20000", "--seconds", "5", "--train_batch", "1",
               "--train_seq", "32", "--train_steps", "1"], ["ratio loader/training:", "RSS growth:"]),
+    "llamacpp": (["bench/bench_llamacpp.py", "--tiny", "--rounds", "1", "--new_tokens", "8", "--agree_tokens", "4"],
+                 ["q8_0  tokenization", "ratio ours/q8_0"]),
     "gpu_code_path_on_cpu": (["bench/bench_gpu.py", "--device", "cpu", "--dtype", "fp32", "--tiny", "--batch", "2",
                               "--seq", "32", "--warmup", "1", "--steps", "1", "--rounds", "1"], ["MFU", "ratio"]),
 }
