@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import textwrap
 import threading
 import time
@@ -21,15 +22,18 @@ from pathlib import Path
 import torch
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.checkpoint import add_model_args, load_model_and_tokenizer
+from model.checkpoint import add_model_args
+from model.evaluation import load_or_exit
 from model.generate import Engine, SamplingParams, Scheduler, single_torch_thread
 
 log = logging.getLogger("minimind.api")
-ROLES = {"system", "user", "assistant", "developer"}  # "developer" is OpenAI's newer name for system
+ROLES = ("system", "user", "assistant", "developer")  # "developer" is OpenAI's newer name for system
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.9
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: hundreds of thousands of characters, far beyond any context
+SURROGATE = re.compile("[\ud800-\udfff]")  # a lone UTF-16 half: valid in a JSON escape, not as text
 
 
 class APIError(Exception):
@@ -42,19 +46,40 @@ class APIError(Exception):
     def response(self):
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        # ASCII JSON: a message quoting the client's text stays sendable even if that text holds lone surrogates
+        return Response(json.dumps(body), status_code=self.status, headers=headers, media_type="application/json")
 
 
 def bad(param, message, code=None):
     return APIError(400, message, param=param, code=code)
 
 
+def short(value, limit=40):
+    """repr of a client's value for an error message, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw):
+    """The request body as a Python object, or a 400 invalid_json error saying why it is not one."""
+    try:
+        return json.loads(raw, parse_constant=reject_constant)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity, integers of over 4300 digits
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+
 def is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
+def is_int(x):  # as in JSON Schema, 2.0 is an integer too (field() passes it on as int)
+    return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, float) and x.is_integer())
 
 
 def parse_messages(messages):
@@ -71,8 +96,9 @@ def parse_messages(messages):
         role, content = m.get("role"), m.get("content")
         if role is None:
             raise bad(f"messages[{i}].role", f"messages[{i}].role is required", "missing_required_parameter")
-        if role not in ROLES:
-            raise bad(f"messages[{i}].role", f"messages[{i}].role {role!r} is not one of 'system', 'user', 'assistant'")
+        if not isinstance(role, str) or role not in ROLES:
+            raise bad(f"messages[{i}].role",
+                      f"messages[{i}].role {short(role)} is not one of 'system', 'user', 'assistant'")
         if isinstance(content, list):  # content parts: only text is understood
             texts = []
             for j, part in enumerate(content):
@@ -83,7 +109,12 @@ def parse_messages(messages):
             content = "".join(texts)
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content", f"messages[{i}].content must be a string")
+        if (half := SURROGATE.search(content)) is not None:
+            raise bad(f"messages[{i}].content", f"messages[{i}].content holds a lone UTF-16 surrogate "
+                      f"\\u{ord(half.group()):04x} at character {half.start()}: not valid Unicode text")
         out.append({"role": "system" if role == "developer" else role, "content": content})
+    if not any(m["role"] in ("user", "assistant") for m in out):
+        raise bad("messages", "'messages' must include a user (or assistant) message")
     return out
 
 
@@ -91,6 +122,8 @@ def parse_request(body):
     """Validated (messages, SamplingParams, stream, include_usage) from a request body; unknown fields ignored."""
     if not isinstance(body, dict):
         raise bad(None, "the request body must be a JSON object")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise bad("model", f"'model' must be a string, got {type(body['model']).__name__}")
     messages = parse_messages(body.get("messages"))
 
     def field(name, default, ok, rule, kind=(is_number, "a number")):
@@ -99,8 +132,10 @@ def parse_request(body):
             return default
         if not kind[0](value):
             raise bad(name, f"'{name}' must be {kind[1]}, got {type(value).__name__}")
+        if kind[0] is is_int:
+            value = int(value)
         if not ok(value):
-            raise bad(name, f"'{name}' is {value}; it must be {rule}", "invalid_value")
+            raise bad(name, f"'{name}' is {short(value)}; it must be {rule}", "invalid_value")
         return value
 
     integer = partial(field, kind=(is_int, "an integer"))
@@ -111,8 +146,10 @@ def parse_request(body):
     top_k = integer("top_k", 0, lambda v: v >= 0, "0 (off) or more")
     integer("n", 1, lambda v: v == 1, "1 (one choice per request)")
     seed = integer("seed", None, lambda v: True, "")
-    max_name = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
-    max_tokens = integer(max_name, None, lambda v: v == -1 or v >= 1, "-1 (up to the context limit) or at least 1")
+    seed = None if seed is None else seed % 2**64  # any integer: the generator takes 64 bits
+    limits = [integer(name, None, lambda v: v == -1 or v >= 1, "-1 (up to the context limit) or at least 1")
+              for name in ("max_tokens", "max_completion_tokens")]  # both checked; max_tokens wins
+    max_tokens = limits[0] if limits[0] is not None else limits[1]
 
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
@@ -127,8 +164,13 @@ def parse_request(body):
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad("stream_options", "'stream_options' must be an object")
-    include_usage = bool((options or {}).get("include_usage"))
-    ignore_eos = body.get("ignore_eos", False)
+    include_usage = (options or {}).get("include_usage")
+    include_usage = False if include_usage is None else include_usage
+    if not isinstance(include_usage, bool):
+        raise bad("stream_options.include_usage", "'stream_options.include_usage' must be a boolean")
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is None:
+        ignore_eos = False
     if not isinstance(ignore_eos, bool):
         raise bad("ignore_eos", "'ignore_eos' must be a boolean")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
@@ -161,7 +203,62 @@ class EventRelay:
             queue.put_nowait(event)
 
 
-def create_app(scheduler, model_name, api_key=None, strict_context=False):
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+TOKEN_LIMIT = {"type": ["integer", "null"], "anyOf": [{"const": -1}, {"minimum": 1}, {"type": "null"}]}
+CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" for every optional field)
+    "type": "object", "required": ["messages"],
+    "properties": {
+        "model": {"type": ["string", "null"]},
+        "messages": {"type": "array", "contains": {"required": ["role"], "properties": {
+            "role": {"enum": ["user", "assistant"]}}}, "items": {
+            "type": "object", "required": ["role", "content"],
+            "properties": {"role": {"enum": list(ROLES)}, "content": {"anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
+                    "type": {"const": "text"}, "text": {"type": "string"}}}}]}}}},
+        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+        "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": {"type": ["integer", "null"], "minimum": 0},
+        "repetition_penalty": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 10},
+        "max_tokens": TOKEN_LIMIT, "max_completion_tokens": TOKEN_LIMIT,
+        "n": {"type": ["integer", "null"], "enum": [1, None]},
+        "seed": {"type": ["integer", "null"]},
+        "stream": {"type": ["boolean", "null"]},
+        "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": ["boolean", "null"]}}},
+        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "maxItems": 16, "items": {"type": "string"}},
+                           {"type": "null"}]},
+        "ignore_eos": {"type": ["boolean", "null"]},
+    }}
+
+
+def error_responses(*statuses):
+    """OpenAPI entries for the error statuses a route can answer, all in the OpenAI error schema."""
+    return {s: {"description": "an OpenAI error object", "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+            for s in statuses}
+
+
+async def read_body(request, limit):
+    """The request body, or a 413 error as soon as it is known to exceed `limit` bytes."""
+    def too_large():
+        return APIError(413, f"the request body is over the server's limit of {limit} bytes (--max-body-bytes)",
+                        code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(scheduler, model_name, api_key=None, strict_context=False, strict_model_name=False,
+               max_body_bytes=DEFAULT_MAX_BODY_BYTES):
     relays = {}  # one per event loop (tests start several)
 
     async def check_key(request: Request):
@@ -174,7 +271,9 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False):
         if not hmac.compare_digest(given.encode(), api_key.encode()):
             raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
 
-    app = FastAPI(title="MiniMind OpenAI-compatible API")
+    # with a key the schema needs it too, and the browser pages (which cannot send one) are off
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
+    app = FastAPI(title="MiniMind OpenAI-compatible API", **docs)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
     engine = scheduler.engine
     started = int(time.time())
@@ -192,23 +291,30 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False):
     async def server_error(request, exc):  # logged by uvicorn; the client still gets the error schema
         return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
 
+    if api_key:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(check_key)])
+        async def openapi():
+            return app.openapi()
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, **scheduler.stats()}
 
-    @v1.get("/models")
+    @v1.get("/models", responses=error_responses(401))
     async def models():
         return {"object": "list",
                 "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "minimind",
-                          "context_length": engine.max_len}]}
+                          "context_length": engine.max_len,
+                          # one model per server: a request naming any other model gets this one
+                          "answers_any_model_name": not strict_model_name}]}
 
-    @v1.post("/chat/completions")
-    async def chat_completions(request: Request):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
+    def prepare(raw):
+        """The CPU work of a request, run off the event loop: JSON, validation, the chat template, tokenization."""
+        body = parse_json(raw)
         messages, params, stream, include_usage = parse_request(body)
+        if strict_model_name and body.get("model") not in (None, model_name):
+            raise APIError(404, f"The model {short(body['model'])} does not exist; this server serves "
+                           f"'{model_name}'", param="model", code="model_not_found")
         prompt_ids = engine.encode(messages)
         if not prompt_ids:
             raise bad("messages", "the messages make an empty prompt")
@@ -217,6 +323,22 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False):
             if len(prompt_ids) > limit:
                 raise bad("messages", f"the prompt is {len(prompt_ids)} tokens; with max_tokens it must fit the "
                           f"context of {engine.max_len} tokens", "context_length_exceeded")
+        return prompt_ids, params, stream, include_usage
+
+    chat_openapi = {"requestBody": {"required": True,
+                                    "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}}}
+    chat_responses = {200: {"description": "a chat.completion object, or with stream: true server-sent "
+                            "chat.completion.chunk events ending with data: [DONE]",
+                            "content": {"application/json": {"schema": {"type": "object"}},
+                                        "text/event-stream": {"schema": {  # each event: data is a chunk or [DONE]
+                                            "type": "object", "required": ["data"],
+                                            "properties": {"data": {"type": "string"}}}}}},
+                      **error_responses(400, 401, 404, 413, 500)}
+
+    @v1.post("/chat/completions", openapi_extra=chat_openapi, responses=chat_responses)
+    async def chat_completions(request: Request):
+        raw = await read_body(request, max_body_bytes)
+        prompt_ids, params, stream, include_usage = await asyncio.to_thread(prepare, raw)
 
         loop = asyncio.get_running_loop()
         relay = relays.get(loop) or relays.setdefault(loop, EventRelay(loop))
@@ -325,8 +447,12 @@ def main():
             "X-Prompt-Tokens-Truncated says how many were dropped; --strict-context makes it a 400 error instead. "
             f"Sampling defaults when a request leaves them out: temperature {DEFAULT_TEMPERATURE}, top_p "
             f"{DEFAULT_TOP_P}; max_tokens absent or -1 means up to the context limit, and an answer that reaches "
-            "the limit ends with finish_reason 'length'. Extensions to the OpenAI "
-            "fields: top_k, repetition_penalty, ignore_eos. GET /health is open; /v1/* need the key when one is set.",
+            "the limit ends with finish_reason 'length'. Ranges: temperature 0-2 (0 greedy; any tiny value is "
+            "near-greedy, never an error), top_p (0, 1], top_k >= 0, repetition_penalty (0, 10], seed any integer "
+            "(taken modulo 2**64); others are a 400 error naming the field. Extensions to the OpenAI fields: top_k, "
+            "repetition_penalty, ignore_eos. One model per server: a request naming any model is answered by this "
+            "one (--strict-model-name: other names get 404 model_not_found). GET /health is open; /v1/* and "
+            "/openapi.json need the key when one is set (/docs and /redoc are then off).",
             100))
     add_model_args(parser, default_model="out/full_sft_512.pth")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -337,18 +463,25 @@ def main():
     parser.add_argument("--strict-context", action="store_true",
                         help="reject a prompt over the context limit with 400 instead of cutting it from the left")
     parser.add_argument("--served-model-name", default=None, help="model id in responses (default: file name)")
+    parser.add_argument("--strict-model-name", action="store_true",
+                        help="answer only requests naming --served-model-name (or none); others get 404")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="larger request bodies get 413 before they are read (default: %(default)s, 1 MiB)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.max_body_bytes < 1:
+        parser.error("--max-body-bytes must be at least 1")
     if args.model == "out/full_sft_512.pth" and (args.dim or args.use_moe):  # the training stage's name for it
         args.model = f"out/full_sft_{args.dim or 512}{'_moe' if args.use_moe else ''}.pth"
     threads = single_torch_thread()  # only the scheduler's thread runs parallel kernels
     threads = args.threads or threads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    model, tokenizer = load_model_and_tokenizer(args)
+    model, tokenizer = load_or_exit(args)
     scheduler = Scheduler(Engine(model, tokenizer, max_batch=args.max_batch), threads=threads)
     name = args.served_model_name or Path(args.model.rstrip("/")).stem
-    app = create_app(scheduler, name, api_key=args.api_key, strict_context=args.strict_context)
+    app = create_app(scheduler, name, api_key=args.api_key, strict_context=args.strict_context,
+                     strict_model_name=args.strict_model_name, max_body_bytes=args.max_body_bytes)
     log.info("serving %s (%.2fM parameters, context %d) on http://%s:%d/v1", name,
              sum(p.numel() for p in model.parameters()) / 1e6, model.config.max_seq_len, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
