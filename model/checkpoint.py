@@ -74,7 +74,8 @@ def load_tensors(path):
     except pickle.UnpicklingError as e:
         why = first_line(e)
         if "weights" in why.lower():  # torch's refusal of a pickled object; its advice would be to trust the file
-            why = "it holds pickled Python objects besides tensors and plain data (refused: loading them could run code)"
+            why = ("it holds pickled Python objects besides tensors and plain data (refused: loading them could "
+                   "run code)")
         raise CheckpointError(f"cannot read {path}: {why}") from None
     except Exception as e:  # truncated or not a torch file
         reason = first_line(e, 160).split(". ")[0]  # torch adds sentences of advice after the reason
