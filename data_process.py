@@ -38,7 +38,7 @@ def convert(args):
         make, header = cv.dpo_record, None
     t0 = time.time()
     stats = cv.convert(args.input, args.output, make, skip_bad=args.skip_bad, max_line_bytes=args.max_line_bytes,
-                       csv_header=header, progress=False if args.quiet else None)
+                       csv_header=header, progress=False if args.quiet else None, allow_empty=args.allow_empty)
     print(cv.summary(stats, args.output, args.skip_bad))
     print(f"done in {time.time() - t0:.1f}s")
 
@@ -62,6 +62,8 @@ def main(argv=None):
                        help="skip unusable records, listing their line numbers in OUTPUT.bad_lines.txt")
         q.add_argument("--max_line_bytes", type=int, default=4 << 20, help="longer records are bad input")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
+        q.add_argument("--allow-empty", "--allow_empty", dest="allow_empty", action="store_true",
+                       help="write OUTPUT even if no record is kept (by default that is an error)")
 
     for name, max_chars, help_ in (("pretrain", 512, "keep {'text'} documents of at most --max_chars characters, whole"),
                                    ("tokenizer", 0, "tokenizer training text {'text'} (no length limit by default)")):
@@ -87,6 +89,9 @@ def main(argv=None):
     try:
         demo(args) if args.cmd == "demo" else convert(args)
     except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # e.g. the demo's --out folder cannot be written; the OS names the path
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -182,7 +182,7 @@ def test_sft_lora_dpo_stages_learn(demo, pretrained, tmp_path):
          "--lora_dropout", "0", "--merge"])
     lora = losses(tmp_path / "lora_sft_32.metrics.jsonl")
     assert lora[-1] < lora[0]
-    state = torch.load(tmp_path / "lora_sft_32.state.pt", map_location="cpu", weights_only=False)["model"]
+    state = torch.load(tmp_path / "lora_sft_32.state.pt", map_location="cpu", weights_only=True)["model"]
     base_keys = [k for k in state if k.endswith(".base_layer.weight")]
     assert len(base_keys) == 2 * 7
     for k in base_keys:  # frozen: the base projections inside the adapted model are the SFT weights
