@@ -4,11 +4,12 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +314,26 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def deepspeed_weights_only():
+    """DeepSpeed's checkpoint loader calls torch.load(..., weights_only=False); within this block it loads
+    weights-only, allowing just the three plain DeepSpeed classes its ZeRO optimizer state holds."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        return real_load(*args, **{**kwargs, "weights_only": True})
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        torch.load = real_load
+
+
 def read_metrics(path, say=None):
     """The records of a metrics file. A line that is not a JSON record (a run killed while writing it) is
     skipped, and say() is told which one."""
@@ -463,8 +484,13 @@ class Trainer:
         self.resumed = True
         self.model.load_state_dict(state["model"])
         if self.ds_engine is not None:
-            self.ds_engine.load_checkpoint(str(Path(a.out_dir) / f"{self.stem}.deepspeed"), tag="latest_state",
-                                           load_module_strict=False)
+            folder = Path(a.out_dir) / f"{self.stem}.deepspeed"
+            try:
+                with deepspeed_weights_only():
+                    self.ds_engine.load_checkpoint(str(folder), tag="latest_state", load_module_strict=False)
+            except pickle.UnpicklingError as e:
+                raise TrainError(f"--resume: cannot read the DeepSpeed state in {folder}: {first_line(e)} "
+                                 "(refused: loading it could run code)") from None
         elif state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
