@@ -4,6 +4,7 @@ request is tokenized, the docs need the API key, model names, body-size limit, t
 the permissions of written files."""
 import json
 import os
+import pickle
 import random
 import runpy
 import threading
@@ -21,6 +22,7 @@ from model.checkpoint import load_model, load_tensors, save_weights
 from model.generate import Engine, SamplingParams, Scheduler, sampling_probs, sample_token
 from my_openai_api import create_app
 from test_serving import HELLO, paths, tokenizer  # noqa: F401  (the tiny model's fixtures)
+from test_user_errors import Payload
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +341,24 @@ def test_written_files_follow_the_umask(tmp_path, model, umask):
     for name in ("w.pth", "w.json", "w.state.pt", "out.jsonl", "lora_sft_64/adapter_model.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert (tmp_path / "lora_sft_64").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_deepspeed_states_load_weights_only(tmp_path):
+    """DeepSpeed's loader asks torch.load for weights_only=False; under deepspeed_weights_only its ZeRO state still
+    loads, and a planted pickle does not run."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    from model.trainer import deepspeed_weights_only
+    torch.save({"loss_scaler": LossScaler(4.0), "zero_stage": ZeroStageEnum.gradients,
+                "fragment": fragment_address(numel=8, start=2), "exp_avg": torch.ones(3)}, tmp_path / "optim.pt")
+    marker = tmp_path / "PAYLOAD_RAN"
+    torch.save({"exp_avg": Payload(marker)}, tmp_path / "planted.pt")
+    real_load = torch.load
+    with deepspeed_weights_only():
+        state = torch.load(tmp_path / "optim.pt", map_location="cpu", weights_only=False)  # as DeepSpeed calls it
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(tmp_path / "planted.pt", map_location="cpu", weights_only=False)
+    assert torch.load is real_load and not marker.exists()
+    assert state["zero_stage"] == ZeroStageEnum.gradients and state["loss_scaler"].loss_scale == 4.0
+    assert state["fragment"] == fragment_address(numel=8, start=2)
