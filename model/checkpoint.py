@@ -46,8 +46,9 @@ def atomic_write(path, write_fn):
         os.replace(tmp, path)
     except OSError as e:
         raise WriteError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
-    except RuntimeError as e:  # torch.save reports a failed write (disk full, folder gone) as RuntimeError
-        raise WriteError(f"cannot write {path}: {first_line(e)}") from None
+    except RuntimeError as e:  # torch.save reports a failed write as "[enforce fail at ...] ... strerror: REASON"
+        reason = re.search(r"strerror: ([^.;]+)", str(e))
+        raise WriteError(f"cannot write {path}: {reason.group(1) if reason else first_line(e)}") from None
     finally:
         if tmp.exists():
             os.remove(tmp)
