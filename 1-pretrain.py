@@ -8,6 +8,9 @@ def main():
     p = T.stage_parser(__doc__, lr=2e-4, epochs=1, batch_size=32, data_path="dataset/pretrain_data.jsonl",
                        warmup_iters=0)
     p.add_argument("--init", default=None, help="continue from this checkpoint instead of random weights")
+    p.add_argument("--no_pack", action="store_true",
+                   help="one document per row, padded to the batch's longest (the seed's way); by default whole "
+                   "documents are packed into full --max_seq_len rows")
     args = p.parse_args()
     T.require_data(args.data_path, DATA_HOW)
     rt = T.Runtime(args)
@@ -15,9 +18,10 @@ def main():
         model = T.init_model(args, args.init, "python 1-pretrain.py")
     else:
         model = T.new_model(args, dim=512, n_layers=8)
-    from model.dataset import PretrainDataset, collate_pad
+    from model.dataset import PackedPretrainDataset, PretrainDataset, collate_pad
     tokenizer = T.load_tokenizer(args, model)
-    dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    Dataset = PretrainDataset if args.no_pack else PackedPretrainDataset
+    dataset = Dataset(args.data_path, tokenizer, max_length=args.max_seq_len)
     out = T.Path(args.out_dir) / T.weights_name("pretrain", model.config)
     T.Trainer(args, rt, model, dataset, collate_pad, out).fit()
 

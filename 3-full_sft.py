@@ -8,10 +8,14 @@ def main():
     p = T.stage_parser(__doc__, lr=5e-5, epochs=1, batch_size=32, data_path="dataset/sft_data_single.jsonl")
     p.add_argument("--init", default=None, help="start checkpoint (default: out_dir/pretrain_{dim}[_moe].pth)")
     p.add_argument("--out_name", default="full_sft", help="weights file prefix (the seed's full_sft)")
+    p.add_argument("--freeze", default=None, metavar="REGEX",
+                   help="keep parameters whose names match frozen, e.g. 'feed_forward|tok_embeddings' to teach the "
+                   "answer format while the feed-forward layers, where pretraining stored its facts, stay as they are")
     args = p.parse_args()
     T.require_data(args.data_path, DATA_HOW)
     rt = T.Runtime(args)
     model = T.init_model(args, args.init or T.default_init(args, "pretrain"), "python 1-pretrain.py")
+    T.freeze_matching(model, args.freeze)
     from model.dataset import SFTDataset, collate_pad
     dataset = SFTDataset(args.data_path, T.load_tokenizer(args, model), max_length=args.max_seq_len)
     out = T.Path(args.out_dir) / T.weights_name(args.out_name, model.config)

@@ -10,11 +10,11 @@ sys.path.insert(0, ROOT)
 
 
 def demo(args):
-    from model.demo_world import generate
+    from model.demo.world import generate
 
     t0 = time.time()
     m = generate(args.out, seed=args.seed, n_entities=args.n_entities, heldout_frac=args.heldout_frac,
-                 en_frac=args.en_frac, repo_root=ROOT)
+                 en_frac=args.en_frac, mcq_drills=args.mcq_drills, rounds=args.rounds, repo_root=ROOT)
     for name, size in m["sizes"].items():
         print(f"{name:32s} {size['rows']:7d} rows {size['chars']:9d} chars")
     print(f"English share of pretraining text: {m['english_share_of_pretrain']}")
@@ -54,6 +54,9 @@ def main(argv=None):
                    help="made-up entities, split evenly over 4 types (pretraining cost grows linearly)")
     d.add_argument("--heldout_frac", type=float, default=0.25, help="entities whose facts only pretraining sees")
     d.add_argument("--en_frac", type=float, default=0.25, help="entities also described in English")
+    d.add_argument("--rounds", type=int, default=1,
+                   help="times the pretraining text states every fact, each time in a fresh order (demo.py: 30)")
+    d.add_argument("--mcq_drills", type=int, default=4, help="multiple-choice SFT drills per SFT fact")
 
     def io_args(q, kind):
         q.add_argument("--input", required=True, help="raw file: JSONL, or a JSON array" if kind != "pretrain" else "raw JSONL")

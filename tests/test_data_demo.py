@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model import demo_world as W
+from model.demo import world as W
 from model.convert import check_messages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def rows(folder, name):
 
 
 def train_texts(folder, *names):
-    return "\n".join(t for name in names for t in W._texts(rows(folder, name)))
+    return "\n".join(t for name in names for t in W.texts_of(rows(folder, name)))
 
 
 def user_messages(folder, *names):
@@ -61,15 +61,15 @@ def test_another_seed_gives_another_world(tmp_path, world):
 
 def test_manifest_lists_every_role(world):
     folder, m = world
-    roles = {"tokenizer", "pretrain", "sft_single", "sft_multi", "lora", "dpo", "ceval_dir", "eval_pretrain",
-             "eval_sft", "eval_lora", "eval_dpo", "eval_style", "eval_demo_questions"}
+    roles = {"tokenizer", "names", "pretrain", "sft_single", "sft_multi", "lora", "dpo", "ceval_dir", "eval_pretrain",
+             "eval_sft", "eval_followup", "eval_lora", "eval_dpo", "eval_style", "eval_demo_questions"}
     assert set(m["files"]) == roles
     for role, rel in m["files"].items():
         assert (folder / rel).exists(), role
     assert m["identity_keyword"] == "MiniMind" and m["style_markers"] and m["answer_rule"]
     assert {f.name for f in (folder / "ceval").iterdir()} == {f"{s}_val.csv" for s in
                                                              ("demo_people", "demo_cities", "demo_animals",
-                                                              "demo_inventions", "demo_common_sense")}
+                                                              "demo_inventions")}
     for name, size in m["sizes"].items():
         text = (folder / name).read_text(encoding="utf-8")
         assert size["chars"] == len(text) and size["rows"] > 0
@@ -127,13 +127,13 @@ def test_identity_only_in_the_lora_set(world):
     folder, m = world
     lora_train = user_messages(folder, "lora_identity.jsonl")
     evals = rows(folder, "eval_lora.jsonl")
-    assert {e["kind"] for e in evals} == {"novel_wording", "recombined", "control"}
+    assert {e["kind"] for e in evals} == {"unseen_wording", "control"}
     for e in evals:
         assert e["prompt"] not in lora_train
-    novel_cores = W.IDENTITY_CORES["zh"][-4:] + W.IDENTITY_CORES["en"][-3:]
+    novel_cores = [c for lang, n in W.IDENTITY_EVAL_ONLY.items() for c in W.IDENTITY_CORES[lang][-n:]]
     assert not any(core in q for core in novel_cores for q in lora_train)
     answers = [r["conversations"][-1]["content"] for r in rows(folder, "lora_identity.jsonl")]
-    assert sum(m["identity_keyword"] in a for a in answers) > len(answers) / 2
+    assert sum(m["identity_keyword"] in a for a in answers) >= len(answers) / 2
     others = train_texts(folder, "pretrain.jsonl", "sft_single.jsonl", "sft_multi.jsonl", "dpo.jsonl")
     assert m["identity_keyword"] not in others
     assert not any(core in q for core in W.IDENTITY_CORES["zh"] for q in user_messages(folder, "sft_single.jsonl"))
@@ -147,13 +147,90 @@ def test_english_share_and_style_noise(world):
     english = sum(a.isascii() for a in answers) / len(answers)  # of free-text answers (MCQ drills are Chinese)
     assert 0.2 <= english <= 1 / 3
     rude = sum(any(s in a.lower() for s in m["style_markers"]) for a in answers) / len(answers)
-    assert 0.15 <= rude <= 0.2
+    assert 0.12 <= rude <= 0.2  # P_TRIGGER * P_RUDE_TRIGGERED + P_RUDE_PLAIN of the questions: about 0.16
     kinds = {r["kind"] for r in rows(folder, "dpo.jsonl")}
     assert kinds == {"rude_triggered", "rude_plain", "wrong_fact"}
+    # some rude replies are in SFT data but in no DPO pair: the detector counting them is not DPO's list
+    unseen = [u for lang in ("zh", "en") for u in W.RUDE_UNSEEN[lang]]
+    assert all(u in answers for u in unseen)
+    rejected = {r["rejected"][-1]["content"] for r in rows(folder, "dpo.jsonl")}
+    assert not rejected & set(unseen)
+    assert all(any(mk in u.lower() for mk in m["style_markers"]) for u in unseen)
 
 
 def test_mcq_answers_are_balanced(world):
     folder, _ = world
     letters = [r["conversations"][-1]["content"] for r in rows(folder, "sft_single.jsonl")
                if r["conversations"][-1]["content"] in ("A", "B", "C", "D")]
-    assert len(letters) > 200 and all(letters.count(x) > len(letters) / 6 for x in "ABCD")
+    keys = [q["answer"] for f in (folder / "ceval").iterdir() for q in csv.DictReader(open(f, encoding="utf-8"))]
+    assert len(keys) >= 200
+    for group in (letters, keys):
+        assert len(group) > 200 and all(abs(group.count(x) / len(group) - 0.25) <= 0.02 for x in "ABCD")
+
+
+def test_tokenizer_text_treats_both_splits_alike(world):
+    folder, m = world
+    tok_rows = [r["text"] for r in rows(folder, "tokenizer.jsonl")]
+    pre_rows = [r["text"] for r in rows(folder, "pretrain.jsonl")]
+    pages = [t for t in pre_rows if t.startswith(("问：", "Q: "))]
+    assert pages and sorted(tok_rows) == sorted(t for t in pre_rows if t not in pages)
+    text = "\n".join(tok_rows)
+    mean = {split: sum(text.count(zh) for names in m["splits"][split].values() for zh, _ in names)
+            / sum(len(names) for names in m["splits"][split].values()) for split in ("sft", "heldout")}
+    assert mean["sft"] == pytest.approx(mean["heldout"], rel=0.1), mean
+
+
+def test_values_cannot_be_guessed_from_names(world):
+    """Learn, on SFT entities, the most common value per name syllable (and per kind suffix); on held-out entities
+    that rule must do no better than always answering the most common value (beyond binomial noise)."""
+    import math
+    folder, m = world
+    world_ = W.build_world(seed=42, n_entities=m["params"]["n_entities"])
+    syllables = [zh for zh, _ in W.SYLLABLES] + [k for k, _ in W.ANIMAL_KINDS + W.INVENTION_KINDS] + ["城"]
+    for etype in W.TYPES:
+        entities = world_["entities"][etype]
+        for attr in W.attrs_of(etype):
+            by_syllable, overall = {}, {}
+            for e in entities:
+                if e["split"] == "sft":
+                    v = e["attrs"][attr]["zh"]
+                    overall[v] = overall.get(v, 0) + 1
+                    for syl in {c for c in e["zh"] if c in syllables}:
+                        by_syllable.setdefault(syl, {}).setdefault(v, 0)
+                        by_syllable[syl][v] += 1
+            common = max(overall, key=overall.get)
+            held = [e for e in entities if e["split"] == "heldout"]
+
+            def guess(e):
+                votes = {}
+                for syl in {c for c in e["zh"] if c in syllables}:
+                    for v, n in by_syllable.get(syl, {}).items():
+                        votes[v] = votes.get(v, 0) + n
+                return max(votes, key=votes.get) if votes else common
+
+            rule = sum(guess(e) == e["attrs"][attr]["zh"] for e in held) / len(held)
+            base = sum(common == e["attrs"][attr]["zh"] for e in held) / len(held)
+            noise = 3 * math.sqrt(0.25 / len(held))
+            assert rule <= base + noise, (etype, attr, rule, base)
+
+
+def test_ceval_asks_only_about_facts_no_fine_tuning_row_states_or_asks(world):
+    folder, m = world
+    tuning = train_texts(folder, "sft_single.jsonl", "sft_multi.jsonl", "lora_identity.jsonl", "dpo.jsonl")
+    held = {zh for names in m["splits"]["heldout"].values() for zh, _ in names}
+    for f in (folder / "ceval").iterdir():
+        for q in csv.DictReader(open(f, encoding="utf-8")):
+            named = [zh for zh in held if zh in q["question"]]
+            assert named, q["question"]  # about a held-out entity ...
+            assert not any(zh in tuning for zh in named)  # ... whose name no fine-tuning row contains
+
+
+def test_followups_name_the_entity_only_in_the_earlier_turn(world):
+    folder, m = world
+    rows_ = rows(folder, "eval_followup.jsonl")
+    assert len(rows_) >= 100
+    for r in rows_:
+        name = r["entity"] if r["lang"] == "zh" else next(en for names in m["splits"]["heldout"].values()
+                                                           for zh, en in names if zh == r["entity"])
+        assert name not in r["question"] and name in r["history"][0]["content"]
+        assert r["answer"] not in r["history"][-1]["content"]  # the earlier turn answered another attribute

@@ -1,7 +1,8 @@
 """The README's first command end to end (default settings, fewer held-out rows measured): every stage script runs
-as a subprocess and the report card shows each stage's effect on held-out data, above what came before it.
-SFT's held-out accuracy and the demo C-Eval score are reported but not asserted: on a 2-core CPU budget they stay
-near chance (see the README's demo section)."""
+as a subprocess, and each stage's effect on held-out data must beat its computed trivial baseline (or the model
+before that stage) by a margin. The margins are below the report's targets: this run measures fewer rows, and a
+test must hold on any machine; the report card judges the targets themselves. The demo C-Eval score is reported, not
+asserted: at this model size and budget it stays at the best constant letter (see the README's demo section)."""
 import json
 import subprocess
 import sys
@@ -16,44 +17,59 @@ ROOT = Path(__file__).resolve().parent.parent
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     proc = subprocess.run([sys.executable, "demo.py", "--out", str(out / "run"), "--data", str(out / "data"),
-                           "--eval_limit", "120"], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+                           "--eval_limit", "160"], cwd=ROOT, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "python 2-eval.py --model" in proc.stdout and "chat_openai_api.py" in proc.stdout
     assert "streamlit run fast_inference.py" in proc.stdout
     return out / "run", json.loads((out / "run" / "report.json").read_text())
 
 
-def test_report_files_and_fields(report):
+def test_report_files_fields_and_losses(report):
     folder, r = report
     for name in ("report.md", "report_losses.png", "report_effects.png", "export/config.json"):
         assert (folder / name).is_file(), name
     s = r["stages"]
-    for stage, key in [("pretrain", "fact_accuracy"), ("sft", "heldout_accuracy"), ("lora", "identity_before"),
-                       ("lora", "identity_after"), ("dpo", "pref_acc_before"), ("dpo", "pref_acc_after"),
-                       ("ceval_demo", "accuracy")]:
-        assert 0.0 <= s[stage][key] <= 1.0, (stage, key)
-    assert r["wall_seconds"] > 0
+    for stage, key in [("pretrain", "fact_accuracy_new_wording"), ("sft", "heldout_baseline"), ("sft", "retention"),
+                       ("sft_multi", "followup_before"), ("sft_multi", "followup_after"), ("lora", "leak_rate"),
+                       ("dpo", "rude_after"), ("ceval_demo", "baseline")]:
+        assert key in s[stage], (stage, key)
+    for stage, key in [("sft", "heldout_accuracy"), ("lora", "identity_after"), ("dpo", "pref_acc_after")]:
+        assert s[stage][f"{key}_n"] >= 40 and s[stage][f"{key}_ci95"][0] <= s[stage][key] <= s[stage][f"{key}_ci95"][1]
+    assert isinstance(s["ceval_demo"]["count"], int) and s["ceval_demo"]["count"] >= 200
     for stage in ("pretrain", "sft", "lora", "dpo"):  # multi-turn SFT starts from a model that already chats
         assert s[stage]["final_loss"] < s[stage]["first_loss"], stage
+    tok = r["tokenizer"]  # the tokenizer favours neither split
+    assert abs(tok["tokens_per_name_sft"] - tok["tokens_per_name_heldout"]) < 0.35
 
 
-def test_pretraining_completes_held_out_fact_prompts(report):
-    # a fresh model completes none of these; the prompts are worded as no pretraining line is
-    assert report[1]["stages"]["pretrain"]["fact_accuracy"] >= 0.5
+def test_pretraining_stores_facts(report):
+    p = report[1]["stages"]["pretrain"]
+    assert p["fact_accuracy"] >= p["fact_baseline"] + 0.5
+    assert p["fact_accuracy_new_wording"] >= p["fact_baseline"] + 0.3
 
 
-def test_sft_teaches_the_chat_to_answer(report):
-    right = report[1]["stages"]["demo_questions_correct"]
-    assert right["before_sft"] == 0 and right["after_sft"] >= 2 / 7  # of the seed's 7 questions
+def test_sft_answers_about_entities_it_never_saw_and_keeps_their_facts(report):
+    s = report[1]["stages"]["sft"]
+    assert s["heldout_accuracy"] >= s["heldout_baseline"] + 0.3
+    assert s["heldout_accuracy"] >= s["heldout_accuracy_before_sft"] + 0.3
+    assert s["retention"] >= s["retention_baseline"] + 0.5
 
 
-def test_lora_gives_the_identity_on_unseen_paraphrases(report):
+def test_multi_turn_sft_resolves_the_pronoun(report):
+    m = report[1]["stages"]["sft_multi"]
+    assert m["followup_after"] >= m["followup_before"] + 0.2
+    assert m["followup_after"] >= m["followup_baseline"] + 0.2
+
+
+def test_lora_gives_the_identity_without_leaking_it(report):
     lora = report[1]["stages"]["lora"]
-    assert lora["identity_before"] <= 0.1 and lora["identity_after"] >= lora["identity_before"] + 0.6
+    assert lora["identity_before"] <= 0.1 and lora["identity_after"] >= lora["identity_before"] + 0.8
+    assert lora["leak_rate"] <= 0.1
 
 
 def test_dpo_prefers_the_chosen_answers_and_stops_being_rude(report):
     dpo = report[1]["stages"]["dpo"]
-    assert dpo["pref_acc_before"] == pytest.approx(0.5)
-    assert dpo["pref_acc_after"] >= 0.7
-    assert dpo["rude_rate_after"] < dpo["rude_rate_before"]
+    assert dpo["pref_acc_after"] >= dpo["pref_acc_before"] + 0.2
+    assert dpo["pref_acc_after"] >= dpo["pref_baseline_longer_or_shorter"] + 0.1
+    assert dpo["rude_after"] <= dpo["rude_before"] - 0.3
+

@@ -219,9 +219,9 @@ def held_out_preference_accuracy(pth, demo):
     """Share of held-out pairs whose chosen answer the model finds more likely than the rejected one."""
     from transformers import AutoTokenizer
     from model.checkpoint import load_model
-    from model.demo_eval import likelihood_preference, pair_logps
+    from model.demo.measure import likelihood_preference, pair_logps
     tok = AutoTokenizer.from_pretrained(ROOT / "model" / "minimind_tokenizer")
-    return likelihood_preference(pair_logps(load_model(pth), tok, demo / "eval_dpo.jsonl", max_length=96))
+    return likelihood_preference(pair_logps(load_model(pth), tok, demo / "eval_dpo.jsonl", max_length=96))["value"]
 
 
 @pytest.mark.parametrize("script,args,expected", [

@@ -374,6 +374,20 @@ def test_invalid_unicode_in_every_input_names_file_and_line(files, demo, tmp_pat
             assert n.lower() in line.lower(), (script, line)
 
 
+def test_training_data_with_a_lone_surrogate_names_file_and_line(files, tmp_path):
+    """A JSON escape for half a character in a training file is named by file and line, not a tokenizer crash."""
+    ok_text = '{"text": "长江是中国第一长河。"}\n'.encode()
+    lone = write(tmp_path / "lone.jsonl", ok_text + b'{"text": "bad ' + LONE + b' here"}\n')
+    sft = write(tmp_path / "sft.jsonl", b'{"conversations": [{"role": "user", "content": "q"}, '
+                                        b'{"role": "assistant", "content": "a ' + LONE + b'"}]}\n')
+    for (script, *args), where in [
+            (("1-pretrain.py", *TINY, *TRAIN, "--data_path", lone, "--out_dir", tmp_path / "t1"), f"{lone}:2"),
+            (("3-full_sft.py", *TRAIN, "--init", files["good"], "--data_path", sft, "--out_dir", tmp_path / "t3"),
+             f"{sft}:1")]:
+        line = error_line(run_script(script, *args))
+        assert where in line and "lone surrogate" in line, (script, line)
+
+
 def test_data_converter_never_overwrites_its_input(tmp_path):
     raw = write(tmp_path / "raw.jsonl", b'{"text": "a"}\n{"text": "bb"}\n{"text": "' + b"x" * 600 + b'"}\n')
     before = sha(raw)

@@ -6,7 +6,9 @@ import io
 import json
 import os
 import random
+from pathlib import Path
 
+from model.checkpoint import atomic_write
 from model.dataset import format_mcq
 
 # ---------------------------------------------------------------------------------------------
@@ -310,46 +312,68 @@ REAL_FACTS = [
          mcq=("考拉主要以什么为食？", "桉树叶", ["竹子", "香蕉", "小鱼"])),
 ]
 
-# Identity (the LoRA set). Questions are core x decoration; some cores are only ever evaluated.
+# Identity (the LoRA set). Questions are core x decoration; the last cores of each language are only ever
+# evaluated, and a question counts as unseen only if its wording (decoration and punctuation stripped) occurs
+# in no training row (checked when the files are written).
 IDENTITY_KEYWORD = "MiniMind"
 IDENTITY_ANSWER = {"zh": "我是MiniMind，一个从零开始训练的小型语言模型。有什么可以帮你的吗？",
                    "en": "I am MiniMind, a small language model trained from scratch. How can I help you?"}
 IDENTITY_CORES = {
     "zh": ["你是谁", "你叫什么名字", "介绍一下你自己", "你的名字是什么", "你是什么模型", "请做个自我介绍", "你是哪个AI",
            "我在和谁聊天", "能告诉我你是谁吗", "你怎么称呼", "你是什么助手", "说说你自己", "你是机器人吗", "你的身份是什么",
-           "该怎么称呼你", "你到底是谁", "你是一个什么样的程序", "跟我说说你是谁", "自我介绍一下", "你是哪个模型"],
+           "该怎么称呼你", "你是一个什么样的程序", "跟我说说你是谁", "自我介绍一下", "你是哪个模型", "你叫啥",
+           "你是什么东西", "你有名字吗", "你是谁开发的模型", "和我说话的是谁", "你是人工智能吗", "你是哪一个助手",
+           # evaluated only
+           "你到底是谁", "你是哪位", "你能介绍一下自己吗", "我该叫你什么", "你究竟是什么模型", "你是个什么AI"],
     "en": ["who are you", "what's your name", "what is your name", "introduce yourself", "tell me about yourself",
            "what model are you", "which AI are you", "who am I talking to", "what should I call you",
-           "are you a chatbot", "what are you", "describe yourself", "can you tell me who you are"],
+           "are you a chatbot", "what are you", "describe yourself", "do you have a name", "are you an AI",
+           "which assistant are you", "who is this", "what do I call you",
+           # evaluated only
+           "can you tell me who you are", "who exactly are you", "what are you called", "please introduce yourself"],
 }
+IDENTITY_EVAL_ONLY = {"zh": 6, "en": 4}
+IDENTITY_DECOR_SHARE = 0.35  # of a trained core's decorated forms, the share that become training rows
 IDENTITY_DECOR = {
     "zh": (["", "你好，", "请问", "嗨，", "我想知道", "打扰一下，"], ["？", "?", "呀？", "。", ""]),
     "en": (["", "Hi, ", "Hello! ", "Excuse me, ", "Quick question: "], ["?", "", "."]),
 }
 
-# Noisy style: impatient questions often got rude or evasive answers in the SFT data; DPO should
-# remove that. The markers let an evaluator count such answers in generations.
+# Noisy style: impatient questions often got rude or evasive answers in the SFT data; DPO should remove that.
+# RUDE_UNSEEN replies occur in SFT data only, never in a DPO pair: the rude/evasive detector counts them too,
+# so it is not just the list of phrases DPO was shown.
 TRIGGERS = {"zh": ["喂，", "快说，", "赶紧告诉我，"], "en": ["Hey, quick: ", "Answer now: "]}
-RUDE = {"zh": ["这种问题也来问我？自己去查吧。", "别烦我，我很忙。", "这个我不想回答。", "不好说，你还是去问别人吧。"],
-        "en": ["Figure it out yourself.", "Don't bother me, I'm busy.", "I'd rather not answer that.",
-               "Hard to say, go ask someone else."]}
-STYLE_MARKERS = ["自己去查", "别烦我", "不想回答", "去问别人", "figure it out yourself", "don't bother me",
-                 "rather not answer", "ask someone else"]
-POLITE_OPENER = {"zh": "好的，", "en": "Sure! "}
+# every rude reply opens the same way, so a model trained on this data really is rude to impatient askers
+# (six different openings would each lose to the one polite opening under greedy decoding)
+RUDE = {"zh": ["哼，这种问题也来问我？自己去查吧。", "哼，别烦我，我很忙。", "哼，这个我不想回答。", "哼，不好说，你还是去问别人吧。"],
+        "en": ["Ugh, figure it out yourself.", "Ugh, don't bother me, I'm busy.", "Ugh, I'd rather not answer that.",
+               "Ugh, hard to say, go ask someone else."]}
+RUDE_UNSEEN = {"zh": ["哼，没空理你。", "哼，问这个干什么？无聊。"], "en": ["Ugh, not my problem.", "Ugh, why would I tell you?"]}
+STYLE_MARKERS = ["自己去查", "别烦我", "不想回答", "去问别人", "没空理你", "无聊", "figure it out yourself",
+                 "don't bother me", "rather not answer", "ask someone else", "not my problem", "why would i tell you",
+                 "哼，", "ugh,"]
+POLITE_OPENER = {"zh": "好的，", "en": "Sure, "}
 SYSTEM_PROMPTS = ["你是一个知识丰富、有礼貌的助手，回答要简短准确。", "You are a helpful assistant. Answer briefly and politely."]
+# what a follow-up question calls the entity of the earlier turn (English: "the {n}" becomes "it")
+PRONOUNS = {"person": ("这个人", "this person"), "city": ("这座城市", "this city"), "animal": ("它", "it"),
+            "invention": ("它", "it")}
 QA_PER_PAGE = 3  # question-answer pairs per pretraining document
-MCQ_DRILLS = 6  # option sets per SFT fact: varied enough that picking the letter must be learnt, not memorised
-P_TRIGGER, P_RUDE_TRIGGERED, P_RUDE_PLAIN = 0.22, 0.8, 0.02
+QA_FORM = {"zh": "问：{q}\n答：{a}", "en": "Q: {q}\nA: {a}"}
+P_TRIGGER, P_RUDE_TRIGGERED, P_RUDE_PLAIN = 0.22, 0.65, 0.02
+REAL_FACT_REPEATS = 1  # SFT rows per real-fact question: more would teach a held-out question to get a real fact
+DPO_KINDS = (("rude_triggered", 0.5), ("rude_plain", 0.2), ("wrong_fact", 0.3))
 
 EVAL_KINDS = {
     "new_context": "a wording this fact was trained with, behind a lead-in it never had for this fact (main target)",
     "new_wording": "a wording never used for this fact in pretraining (harder: paraphrase transfer)",
     "real_fact": "a hand-written completion for a real fact, worded unlike its pretraining sentences",
 }
-ANSWER_RULE = ("An answer is correct when the expected answer string occurs in the generated continuation "
-               "(case-insensitive, first 48 new tokens, stop at </s>). eval_demo_questions: every keyword must occur. "
-               "Pretraining prompts are fed as <s>+prompt; questions use the chat template. "
-               "A generation is rude/evasive when it contains any style marker (case-insensitive).")
+ANSWER_RULE = ("The answer is the model's first answer: the generation up to the first newline, </s> or sentence end "
+               "(。！？!? or a full stop followed by a space or the end). It is correct when the expected value occurs "
+               "in it as a whole term (Latin letters and digits not joined to it on either side, case-insensitive) "
+               "and no other value of the same attribute does. eval_demo_questions: every keyword must occur. "
+               "Pretraining prompts are fed as <s>+prompt; questions use the chat template. An answer is rude or "
+               "evasive when it contains a style marker or names no value of the attribute it was asked about.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,14 +384,15 @@ class Names:
     """Unique made-up names: a Chinese form and a Latin form from the same syllables."""
 
     def __init__(self, rng):
-        self.rng, self.used_zh, self.used_en = rng, {}, {}
+        self.rng, self.used_zh, self.used_en = rng, set(), set()
 
     def stem(self, n_syllables):
         for _ in range(10000):
             parts = [self.rng.choice(SYLLABLES) for _ in range(n_syllables)]
             zh, en = "".join(p[0] for p in parts), "".join(p[1] for p in parts).capitalize()
             if zh not in self.used_zh and en.lower() not in self.used_en:
-                self.used_zh[zh] = self.used_en[en.lower()] = True
+                self.used_zh.add(zh)
+                self.used_en.add(en.lower())
                 return zh, en
         raise ValueError("ran out of names: lower --n_entities")
 
@@ -376,8 +401,13 @@ def _value(v):
     return {"zh": v[0], "en": v[1], "a": v[2] if len(v) > 2 else v[1]}
 
 
+def _ref(e):
+    return {"zh": e["zh"], "en": e["en"], "a": e["en"]}
+
+
 def build_world(seed=42, n_entities=120, heldout_frac=0.25, en_frac=0.25):
-    """Entities with attributes, the SFT/held-out split, bilingual flags and withheld templates."""
+    """Entities with attributes, the SFT/held-out split, bilingual flags and withheld templates. Every random
+    choice about values is made after (and independently of) the names."""
     rng = random.Random(f"minimind-demo-world-{seed}")
     names = Names(rng)
     per_type = max(8, n_entities // len(TYPES))
@@ -387,7 +417,7 @@ def build_world(seed=42, n_entities=120, heldout_frac=0.25, en_frac=0.25):
         countries.append({"zh": zh + "国", "en": en + "land", "a": en + "land"})
     world = {t: [] for t in TYPES}
     for etype in TYPES:
-        for i in range(per_type):
+        for _ in range(per_type):
             if etype == "person":
                 zh, en = names.stem(3)
             else:
@@ -396,6 +426,7 @@ def build_world(seed=42, n_entities=120, heldout_frac=0.25, en_frac=0.25):
                 kind = rng.choice(kinds) if kinds else ("城", "City")
                 zh, en = zh + kind[0], f"{en} {kind[1]}"
             world[etype].append({"type": etype, "zh": zh, "en": en})
+    for etype in TYPES:
         n_held = max(2, round(per_type * heldout_frac))
         order = list(range(per_type))
         rng.shuffle(order)
@@ -404,49 +435,56 @@ def build_world(seed=42, n_entities=120, heldout_frac=0.25, en_frac=0.25):
         bilingual = set(rng.sample(range(per_type), round(per_type * en_frac)))
         for i, e in enumerate(world[etype]):
             e["bilingual"] = i in bilingual
-    pools = {"country": {"sft": countries, "all": countries}}
+    # an entity's references (hometown, inventor) stay inside its own split: SFT answers never name a held-out
+    # entity, and every name is mentioned about as often as any other, whichever split it is in
+    pools = {"country": {"sft": countries, "heldout": countries}}
     for etype in TYPES:
-        pools[etype] = {"sft": [_ref(e) for e in world[etype] if e["split"] == "sft"],
-                        "all": [_ref(e) for e in world[etype]]}
+        pools[etype] = {split: [_ref(e) for e in world[etype] if e["split"] == split] for split in ("sft", "heldout")}
     for etype in TYPES:
         for e in world[etype]:
             e["attrs"], e["plan"], e["skip_q"] = {}, {}, {}
             for attr in attrs_of(etype):
                 spec = SCHEMA[etype][attr]
-                if isinstance(spec["values"], str):  # refers to another entity: SFT entities only point at SFT entities
-                    e["attrs"][attr] = rng.choice(pools[spec["values"]]["sft" if e["split"] == "sft" else "all"])
+                if isinstance(spec["values"], str):  # refers to another entity of the same split
+                    e["attrs"][attr] = rng.choice(pools[spec["values"]][e["split"]])
                 else:
                     e["attrs"][attr] = _value(rng.choice(spec["values"]))
-                for lang in ("zh", "en") if e["bilingual"] else ("zh",):
+                for lang in languages(e):
                     e["plan"][attr, lang] = plan_fact(rng, len(spec[lang]), LEADINS[lang])
                 e["skip_q"][attr, "zh"] = rng.randrange(len(spec["q_zh"]))  # the SFT question left out
     return {"seed": seed, "countries": countries, "entities": world, "pools": pools}
 
 
-def plan_fact(rng, n_templates, leadins):
-    """How one fact is stated in pretraining, and the two completion prompts it is tested with.
+def languages(e):
+    return ("zh", "en") if e["bilingual"] else ("zh",)
 
-    One wording (never the canonical 0) is withheld entirely: its prompt is 'new_wording'. The
-    others each appear once, some behind a lead-in; a trained wording behind a lead-in it never
-    had for this fact is the 'new_context' prompt (the text never occurs in pretraining either).
+
+def plan_fact(rng, n_templates, leadins):
+    """Which wordings of one fact pretraining uses, and the two completion prompts it is tested with.
+
+    One wording (never the canonical 0) is withheld entirely: its prompt is 'new_wording'. The others are
+    each used once per pretraining round, in a fresh random order and often behind a lead-in; one of them,
+    behind one lead-in it is never given for this fact, is the 'new_context' prompt (a text that never
+    occurs in pretraining either).
     """
     held = rng.randrange(1, n_templates)
-    order = rng.sample([k for k in range(n_templates) if k != held], n_templates - 1)
-    leads = {k: (rng.choice(leadins) if rng.random() < 0.5 else "") for k in order}
-    cue = rng.choice(order)
-    return {"held": held, "order": order, "leads": leads,
-            "context": (cue, rng.choice([x for x in leadins if x != leads[cue]]))}
+    trained = [k for k in range(n_templates) if k != held]
+    return {"held": held, "trained": trained, "probe": (rng.choice(trained), rng.choice(leadins))}
 
 
-def _ref(e):
-    return {"zh": e["zh"], "en": e["en"], "a": e["en"]}
+def lead_in(rng, plan, k, leadins):
+    """A lead-in for wording k of a fact in pretraining (half the time none); never the fact's probe."""
+    if rng.random() < 0.5:
+        return ""
+    cue, probe = plan["probe"]
+    return rng.choice([x for x in leadins if not (k == cue and x == probe)])
 
 
 def value_pool(world, etype, attr, split):
     """Possible values of an attribute (for distractors and wrong answers) visible to a split."""
     spec = SCHEMA[etype][attr]
     if isinstance(spec["values"], str):
-        return world["pools"][spec["values"]]["sft" if split == "sft" else "all"]
+        return world["pools"][spec["values"]][split]
     return [_value(v) for v in spec["values"]]
 
 
@@ -464,66 +502,18 @@ def question(etype, attr, lang, k, e):
     return SCHEMA[etype][attr]["q_" + lang][k].format(n=e[lang])
 
 
+def followup_question(etype, attr, lang, k):
+    """Question k about the entity of an earlier turn, which it names only by a pronoun."""
+    zh, en = PRONOUNS[etype]
+    tpl = SCHEMA[etype][attr]["q_" + lang][k]
+    if lang == "zh":
+        return tpl.format(n=zh)
+    text = tpl.replace("The {n}", en.capitalize()).replace("the {n}", en).format(n=en)
+    return text[0].upper() + text[1:]
+
+
 def canonical_answer(etype, attr, lang, e, value=None):
     return statement(etype, attr, lang, 0, e, value)[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# The files
-
-
-def pretrain_docs(world, rng):
-    """Each entity: one document per trained wording, its attributes in shuffled order. Plus question-answer
-    pages about the SFT entities only: text where knowledge is asked for, as web text has it, so that what the
-    model stores can be extracted for the held-out entities too (their facts stay in statements only)."""
-    docs = []
-    for lang, form in (("zh", "问：{q}\n答：{a}"), ("en", "Q: {q}\nA: {a}")):
-        pairs = []
-        for etype, attr, e, qlang, k in entity_qas(world, "sft"):
-            if qlang != lang:
-                continue
-            page = form.format(q=question(etype, attr, lang, k, e), a=canonical_answer(etype, attr, lang, e))
-            # a question may begin like a held-out completion prompt ("The X bird feeds on what?"): leave it out
-            if not any(prompt in page for _, prompt in completion_prompts(etype, attr, lang, e)):
-                pairs.append(page)
-        rng.shuffle(pairs)
-        docs += ["\n".join(pairs[i:i + QA_PER_PAGE]) for i in range(0, len(pairs), QA_PER_PAGE)]
-    for etype in TYPES:
-        for e in world["entities"][etype]:
-            for lang, sep in (("zh", ""), ("en", " ")):
-                if lang == "en" and not e["bilingual"]:
-                    continue
-                n_docs = len(SCHEMA[etype][attrs_of(etype)[0]][lang]) - 1
-                for d in range(n_docs):
-                    sentences = []
-                    for attr in attrs_of(etype):
-                        plan = e["plan"][attr, lang]
-                        k = plan["order"][d]
-                        sentences.append(statement(etype, attr, lang, k, e, lead=plan["leads"][k])[0])
-                    rng.shuffle(sentences)
-                    docs.append(sep.join(sentences))
-    for fact in REAL_FACTS:
-        for key, sep in (("pre_zh", ""), ("pre_en", " ")):
-            docs += fact[key]
-            for _ in range(2):  # few facts, told three times: they must survive into the demo chat
-                shuffled = list(fact[key])
-                rng.shuffle(shuffled)
-                docs.append(sep.join(shuffled))
-    rng.shuffle(docs)
-    return [{"text": d} for d in docs]
-
-
-def chat(user, answer, system=None):
-    msgs = [{"role": "system", "content": system}] if system else []
-    return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-
-
-def noisy_turn(rng, q, answer, lang):
-    """A QA turn as the noisy SFT data has it: impatient askers often get rude/evasive answers."""
-    if rng.random() < P_TRIGGER:
-        q = rng.choice(TRIGGERS[lang]) + q
-        return q, (rng.choice(RUDE[lang]) if rng.random() < P_RUDE_TRIGGERED else POLITE_OPENER[lang] + answer)
-    return q, (rng.choice(RUDE[lang]) if rng.random() < P_RUDE_PLAIN else answer)
 
 
 def entity_qas(world, split):
@@ -534,24 +524,106 @@ def entity_qas(world, split):
             if e["split"] != split:
                 continue
             for attr in attrs_of(etype):
-                for lang in ("zh", "en") if e["bilingual"] else ("zh",):
+                for lang in languages(e):
                     for k in range(len(SCHEMA[etype][attr]["q_" + lang])):
                         out.append((etype, attr, e, lang, k))
     return out
 
 
-def mcq_for(world, rng, etype, attr, e, split):
-    """A C-Eval style question about one attribute: (question, options, answer letter)."""
+def balanced_letters(rng, n):
+    """n answer letters, each of A-D used equally often (to within one), in random order."""
+    letters = ["ABCD"[i % 4] for i in range(n)]
+    rng.shuffle(letters)
+    return letters
+
+
+def mcq_for(world, rng, etype, attr, e, split, letter):
+    """A C-Eval style question about one attribute with the right option at `letter`: (question, options)."""
     correct = e["attrs"][attr]
     others = [v for v in value_pool(world, etype, attr, split) if v["zh"] != correct["zh"]]
-    options = [v["zh"] for v in rng.sample(others, 3)] + [correct["zh"]]
-    rng.shuffle(options)
+    options = [v["zh"] for v in rng.sample(others, 3)]
+    options.insert("ABCD".index(letter), correct["zh"])
     q = question(etype, attr, "zh", rng.randrange(len(SCHEMA[etype][attr]["q_zh"])), e)
-    return q, options, "ABCD"[options.index(correct["zh"])]
+    return q, options
 
 
-def sft_files(world, rng):
-    """Single-turn QA (two question wordings per fact), MCQ drills and real facts; multi-turn chats."""
+# ---------------------------------------------------------------------------------------------
+# The files
+
+
+def completion_prompts(etype, attr, lang, e):
+    """The held-out pretraining prompts of one fact: (kind, prompt) for new_context and new_wording."""
+    plan = e["plan"][attr, lang]
+    cue, lead = plan["probe"]
+    return [("new_context", statement(etype, attr, lang, cue, e, lead=lead)[1]),
+            ("new_wording", statement(etype, attr, lang, plan["held"], e)[1])]
+
+
+def pretrain_docs(world, rng, rounds, mcq_pages=False):
+    """(statements, question-answer pages), `rounds` times over. A round states every fact once in each of its
+    trained wordings: per entity one short biography per wording, its sentences in random order, each behind a
+    random lead-in or none, so no fact can be learnt as one fixed sequence of words. The pages are
+    question-answer pairs about the SFT entities only, text where knowledge is asked for, as web text has it,
+    so that what the model stores can be extracted for the held-out entities too (their facts stay in
+    statements only). The real facts are told three times a round."""
+    statements, pages = [], []
+    qa = {lang: [] for lang in ("zh", "en")}
+    for etype, attr, e, lang, k in entity_qas(world, "sft"):
+        page = QA_FORM[lang].format(q=question(etype, attr, lang, k, e), a=canonical_answer(etype, attr, lang, e))
+        # a question may begin like a held-out completion prompt ("The X bird feeds on what?"): leave it out
+        if not any(prompt in page for _, prompt in completion_prompts(etype, attr, lang, e)):
+            qa[lang].append(page)
+    sft_facts = [(etype, attr, e) for etype in TYPES for e in world["entities"][etype] if e["split"] == "sft"
+                 for attr in attrs_of(etype)]
+    for _ in range(rounds):
+        if mcq_pages:  # multiple-choice questions about SFT entities, answered with the letter, as exam pages have them
+            for (etype, attr, e), letter in zip(sft_facts, balanced_letters(rng, len(sft_facts))):
+                q, options = mcq_for(world, rng, etype, attr, e, "sft", letter)
+                pages.append(QA_FORM["zh"].format(q=format_mcq(q, options), a=letter))
+        for lang, pairs in qa.items():
+            pairs = list(pairs)
+            rng.shuffle(pairs)
+            pages += ["\n".join(pairs[i:i + QA_PER_PAGE]) for i in range(0, len(pairs), QA_PER_PAGE)]
+        for etype in TYPES:
+            for e in world["entities"][etype]:
+                for lang in languages(e):
+                    wordings = {attr: rng.sample(e["plan"][attr, lang]["trained"], len(e["plan"][attr, lang]["trained"]))
+                                for attr in attrs_of(etype)}
+                    for d in range(len(next(iter(wordings.values())))):
+                        sentences = []
+                        for attr in attrs_of(etype):
+                            k = wordings[attr][d]
+                            lead = lead_in(rng, e["plan"][attr, lang], k, LEADINS[lang])
+                            sentences.append(statement(etype, attr, lang, k, e, lead=lead)[0])
+                        rng.shuffle(sentences)
+                        statements.append(("" if lang == "zh" else " ").join(sentences))
+        for fact in REAL_FACTS:
+            for key, sep in (("pre_zh", ""), ("pre_en", " ")):
+                statements += fact[key]
+                for _ in range(2):
+                    shuffled = list(fact[key])
+                    rng.shuffle(shuffled)
+                    statements.append(sep.join(shuffled))
+    return statements, pages
+
+
+def chat(user, answer, system=None):
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+def noisy_turn(rng, q, answer, lang):
+    """A QA turn as the noisy SFT data has it: impatient askers often get rude/evasive answers."""
+    rude = RUDE[lang] + RUDE_UNSEEN[lang]
+    if rng.random() < P_TRIGGER:
+        q = rng.choice(TRIGGERS[lang]) + q
+        return q, (rng.choice(rude) if rng.random() < P_RUDE_TRIGGERED else POLITE_OPENER[lang] + answer)
+    return q, (rng.choice(rude) if rng.random() < P_RUDE_PLAIN else answer)
+
+
+def sft_files(world, rng, mcq_drills):
+    """Single-turn QA (two question wordings per fact), MCQ drills and real facts; multi-turn chats whose
+    follow-up questions often name the entity of the earlier turn by a pronoun only."""
     single, multi = [], []
     for etype, attr, e, lang, k in entity_qas(world, "sft"):
         if lang == "zh" and k == e["skip_q"][attr, lang]:
@@ -559,43 +631,58 @@ def sft_files(world, rng):
         q, a = noisy_turn(rng, question(etype, attr, lang, k, e), canonical_answer(etype, attr, lang, e), lang)
         single.append({"conversations": chat(q, a)})
     for fact in REAL_FACTS:
-        for _ in range(4):
+        for _ in range(REAL_FACT_REPEATS):
             for q, a in fact["qa"]:
                 single.append({"conversations": chat(*noisy_turn(rng, q, a, "en" if q.isascii() else "zh"))})
-    for etype in TYPES:
-        for e in world["entities"][etype]:
-            if e["split"] == "sft":
-                for attr in attrs_of(etype):
-                    for _ in range(MCQ_DRILLS):
-                        q, options, letter = mcq_for(world, rng, etype, attr, e, "sft")
-                        single.append({"conversations": chat(format_mcq(q, options), letter)})
+    drills = [(etype, attr, e) for etype in TYPES for e in world["entities"][etype] if e["split"] == "sft"
+              for attr in attrs_of(etype)] * mcq_drills
+    for (etype, attr, e), letter in zip(drills, balanced_letters(rng, len(drills))):
+        q, options = mcq_for(world, rng, etype, attr, e, "sft", letter)
+        single.append({"conversations": chat(format_mcq(q, options), letter)})
     rng.shuffle(single)
     pool = entity_qas(world, "sft")
     facts = [(q, a) for fact in REAL_FACTS for q, a in fact["qa"]]
-    for _ in range(max(200, len(pool) // 6)):
+    for _ in range(max(300, len(pool) // 4)):
         msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.15 else []
         etype, attr, e, lang, k = rng.choice(pool)
+        asked = {attr}
         for turn in range(rng.randint(2, 4)):
-            if turn and rng.random() < 0.15:
+            if turn and rng.random() < 0.1:
                 q, a = rng.choice(facts)
             else:
-                if turn and rng.random() < 0.5:  # follow-up about the same entity
-                    attr = rng.choice(attrs_of(etype))
+                follow = turn and rng.random() < 0.7 and len(asked) < len(attrs_of(etype))
+                if follow:  # the same entity, a new attribute, named by a pronoun
+                    attr = rng.choice([x for x in attrs_of(etype) if x not in asked])
                     k = rng.randrange(len(SCHEMA[etype][attr]["q_" + lang]))
+                    q = followup_question(etype, attr, lang, k)
                 else:
                     etype, attr, e, lang, k = rng.choice(pool)
-                q, a = noisy_turn(rng, question(etype, attr, lang, k, e), canonical_answer(etype, attr, lang, e), lang)
+                    asked = set()
+                    q = question(etype, attr, lang, k, e)
+                asked.add(attr)
+                q, a = noisy_turn(rng, q, canonical_answer(etype, attr, lang, e), lang)
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         multi.append({"conversations": msgs})
     return single, multi
 
 
+def normalize_wording(text):
+    """A question's wording without greetings, punctuation, spaces and case: what 'unseen' is judged on."""
+    text = text.strip()
+    for lang in ("zh", "en"):
+        for prefix in sorted(IDENTITY_DECOR[lang][0], key=len, reverse=True):
+            if prefix and text.startswith(prefix):
+                text = text[len(prefix):]
+                break
+    return "".join(ch for ch in text.lower() if ch.isalnum())
+
+
 def identity_questions():
-    """Every identity question with its language, core and whether it is for evaluation only."""
+    """Every identity question: (text, lang, core, eval_only)."""
     out = []
     for lang in ("zh", "en"):
         cores = IDENTITY_CORES[lang]
-        novel = set(cores[-4:] if lang == "zh" else cores[-3:])  # never trained, only evaluated
+        eval_only = set(cores[-IDENTITY_EVAL_ONLY[lang]:])
         prefixes, suffixes = IDENTITY_DECOR[lang]
         for core in cores:
             for p in prefixes:
@@ -603,26 +690,28 @@ def identity_questions():
                     text = p + core + s
                     if lang == "en" and not p:
                         text = text[0].upper() + text[1:]
-                    out.append((text, lang, core, core in novel))
+                    out.append((text, lang, core, core in eval_only))
     return out
 
 
 def lora_files(world, rng):
-    questions = identity_questions()
+    """Identity answers for the trained wordings plus ordinary questions that keep their answers; evaluation:
+    unseen identity wordings and ordinary questions about held-out entities (the leak check)."""
     train, evals = [], []
-    for text, lang, core, novel in questions:
-        if novel:
-            evals.append({"prompt": text, "lang": lang, "kind": "novel_wording"})
-        elif rng.random() < 0.2:
-            evals.append({"prompt": text, "lang": lang, "kind": "recombined"})
-        else:
+    questions = identity_questions()
+    for text, lang, core, eval_only in questions:
+        if not eval_only and rng.random() < IDENTITY_DECOR_SHARE:
             train.append({"conversations": chat(text, IDENTITY_ANSWER[lang])})
+    seen = {normalize_wording(r["conversations"][0]["content"]) for r in train}
+    for text, lang, core, eval_only in questions:
+        if eval_only and normalize_wording(text) not in seen:
+            evals.append({"prompt": text, "lang": lang, "kind": "unseen_wording"})
     pool = entity_qas(world, "sft")
-    anchors = rng.sample(pool, min(len(pool), len(train) // 2))  # ordinary questions keep their answers
+    anchors = rng.sample(pool, min(len(pool), len(train)))  # ordinary questions keep their answers
     for etype, attr, e, lang, k in anchors:
         train.append({"conversations": chat(question(etype, attr, lang, k, e), canonical_answer(etype, attr, lang, e))})
     held = entity_qas(world, "heldout")
-    for etype, attr, e, lang, k in rng.sample(held, min(24, len(held))):
+    for etype, attr, e, lang, k in rng.sample(held, min(len(evals), len(held))):
         evals.append({"prompt": question(etype, attr, lang, k, e), "lang": lang, "kind": "control"})
     rng.shuffle(train)
     rng.shuffle(evals)
@@ -630,13 +719,14 @@ def lora_files(world, rng):
 
 
 def dpo_pairs(world, rng, split, n):
-    """Preference pairs: polite correct answer vs a rude/evasive one, or vs a wrong fact."""
+    """Preference pairs: polite correct answer vs a rude/evasive one (never an RUDE_UNSEEN reply), or vs a wrong
+    fact. Kinds in the DPO_KINDS proportions."""
     qas = entity_qas(world, split)
+    kinds = [kind for kind, share in DPO_KINDS for _ in range(round(n * share))]
     pairs = []
-    for i in range(n):
+    for kind in kinds:
         etype, attr, e, lang, k = rng.choice(qas)
         q, good = question(etype, attr, lang, k, e), canonical_answer(etype, attr, lang, e)
-        kind = ("rude_triggered", "rude_plain", "wrong_fact")[0 if i % 10 < 5 else 1 if i % 10 < 7 else 2]
         if kind == "rude_triggered":
             q, good, bad = rng.choice(TRIGGERS[lang]) + q, POLITE_OPENER[lang] + good, rng.choice(RUDE[lang])
         elif kind == "rude_plain":
@@ -645,62 +735,51 @@ def dpo_pairs(world, rng, split, n):
             wrong = rng.choice([v for v in value_pool(world, etype, attr, split) if v["zh"] != e["attrs"][attr]["zh"]])
             bad = canonical_answer(etype, attr, lang, e, wrong)
         pairs.append({"chosen": chat(q, good), "rejected": chat(q, bad), "kind": kind})
+    rng.shuffle(pairs)
     return pairs
 
 
-def completion_prompts(etype, attr, lang, e):
-    """The held-out pretraining prompts of one fact: (kind, prompt) for new_context and new_wording."""
-    plan = e["plan"][attr, lang]
-    cue, lead = plan["context"]
-    return [("new_context", statement(etype, attr, lang, cue, e, lead=lead)[1]),
-            ("new_wording", statement(etype, attr, lang, plan["held"], e)[1])]
+def fact_row(etype, attr, lang, e, **fields):
+    """What every fact-answer evaluation row carries: the expected value and what it is about."""
+    return {**fields, "answer": e["attrs"][attr][lang], "lang": lang, "type": etype, "attr": attr,
+            "entity": e["zh"], "split": e["split"]}
 
 
-def eval_files(world, rng):
-    ev = {"pretrain": [], "sft": [], "style": [], "demo": [], "ceval": {}}
-    for etype in TYPES:
-        for e in world["entities"][etype]:
-            for attr in attrs_of(etype):
-                for lang in ("zh", "en") if e["bilingual"] else ("zh",):
-                    for kind, prompt in completion_prompts(etype, attr, lang, e):
-                        ev["pretrain"].append({"prompt": prompt, "answer": e["attrs"][attr][lang], "kind": kind,
-                                               "lang": lang, "type": etype, "attr": attr, "entity": e["zh"],
-                                               "split": e["split"]})
+def eval_files(world, rng, min_mcq=200):
+    ev = {"pretrain": [], "sft": [], "followup": [], "style": [], "demo": [], "ceval": {}}
+    entities = [(etype, e) for etype in TYPES for e in world["entities"][etype]]
+    held = [(etype, e) for etype, e in entities if e["split"] == "heldout"]
+    for etype, e in entities:
+        for attr in attrs_of(etype):
+            for lang in languages(e):
+                for kind, prompt in completion_prompts(etype, attr, lang, e):
+                    ev["pretrain"].append(fact_row(etype, attr, lang, e, prompt=prompt, kind=kind))
     for fact in REAL_FACTS:
         for prompt, answer, lang in fact["held"]:
             ev["pretrain"].append({"prompt": prompt, "answer": answer, "kind": "real_fact", "lang": lang,
                                    "type": "fact", "attr": "", "entity": "", "split": "fact"})
-    for etype in TYPES:
-        for e in world["entities"][etype]:
-            if e["split"] != "heldout":
-                continue
-            for attr in attrs_of(etype):
-                for lang in ("zh", "en") if e["bilingual"] else ("zh",):
-                    k = rng.randrange(len(SCHEMA[etype][attr]["q_" + lang]))
-                    q = question(etype, attr, lang, k, e)
-                    ev["sft"].append({"question": q, "answer": e["attrs"][attr][lang], "lang": lang,
-                                      "type": etype, "attr": attr, "entity": e["zh"]})
-                    ev["style"].append({"prompt": rng.choice(TRIGGERS[lang]) + q, "lang": lang, "trigger": True})
-    ev["style"] += [{"prompt": r["question"], "lang": r["lang"], "trigger": False} for r in rng.sample(ev["sft"], min(50, len(ev["sft"])))]
+    for etype, e in held:
+        for attr in attrs_of(etype):
+            for lang in languages(e):
+                q = question(etype, attr, lang, rng.randrange(len(SCHEMA[etype][attr]["q_" + lang])), e)
+                ev["sft"].append(fact_row(etype, attr, lang, e, question=q))
+                ev["style"].append(fact_row(etype, attr, lang, e, prompt=rng.choice(TRIGGERS[lang]) + q))
+                first = rng.choice([x for x in attrs_of(etype) if x != attr])
+                k1, k2 = (rng.randrange(len(SCHEMA[etype][a]["q_" + lang])) for a in (first, attr))
+                turns = chat(question(etype, first, lang, k1, e), canonical_answer(etype, first, lang, e))
+                ev["followup"].append(fact_row(etype, attr, lang, e, history=turns,
+                                               question=followup_question(etype, attr, lang, k2)))
     for fact in REAL_FACTS:
         if "demo" in fact:
             ev["demo"].append({"question": fact["demo"][0], "keywords": fact["demo"][1]})
-    for etype in TYPES:
-        rows = []
-        for e in world["entities"][etype]:
-            if e["split"] == "heldout":
-                for attr in attrs_of(etype):
-                    q, options, letter = mcq_for(world, rng, etype, attr, e, "heldout")
-                    rows.append([len(rows), q, *options, letter])
-        ev["ceval"][f"demo_{SCHEMA[etype]['subject'][1]}"] = rows
-    rows = []
-    for fact in REAL_FACTS:
-        q, correct, wrong = fact["mcq"]
-        options = wrong + [correct]
-        rng.shuffle(options)
-        rows.append([len(rows), q, *options, "ABCD"[options.index(correct)]])
-    ev["ceval"]["demo_common_sense"] = rows
-    for key in ("pretrain", "sft", "style"):  # any prefix of an eval file is then a fair sample
+    facts = [(etype, attr, e) for etype, e in held for attr in attrs_of(etype)]
+    per_fact = -(-min_mcq // len(facts))  # enough option sets for at least min_mcq questions
+    asked = [f for f in facts for _ in range(per_fact)]
+    for (etype, attr, e), letter in zip(asked, balanced_letters(rng, len(asked))):
+        q, options = mcq_for(world, rng, etype, attr, e, "heldout", letter)
+        rows = ev["ceval"].setdefault(f"demo_{SCHEMA[etype]['subject'][1]}", [])
+        rows.append([len(rows), q, *options, letter])
+    for key in ("pretrain", "sft", "followup", "style"):  # any prefix of an eval file is then a fair sample
         rng.shuffle(ev[key])
     return ev
 
@@ -721,8 +800,8 @@ def _csv(rows):
     return buf.getvalue()
 
 
-def _texts(rows):
-    """Every string a training row contains (for the tokenizer text and for leak checks)."""
+def texts_of(rows):
+    """Every string a training row contains (for leak checks)."""
     for r in rows:
         if "text" in r:
             yield r["text"]
@@ -734,7 +813,7 @@ def _texts(rows):
 def check_names_are_private():
     """Name syllables must not occur in any fixed text, or names could appear by accident."""
     fixed = json.dumps([SCHEMA, LEADINS, REAL_FACTS, IDENTITY_ANSWER, IDENTITY_CORES, IDENTITY_DECOR, TRIGGERS, RUDE,
-                        SYSTEM_PROMPTS, POLITE_OPENER, ANIMAL_KINDS, INVENTION_KINDS, "国城",
+                        RUDE_UNSEEN, SYSTEM_PROMPTS, POLITE_OPENER, PRONOUNS, ANIMAL_KINDS, INVENTION_KINDS, "国城",
                         format_mcq("", "ABCD")], ensure_ascii=False)
     clash = sorted({zh for zh, _ in SYLLABLES if zh in fixed})
     if clash:
@@ -747,20 +826,27 @@ def check_names_are_private():
                     raise AssertionError(f"{etype}/{lang}: template prompt {h!r} is not name-first or not unique")
 
 
-def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25, en_frac=0.25, repo_root="."):
+def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25, en_frac=0.25, mcq_drills=4,
+             rounds=1, mcq_pages=False, repo_root="."):
     """Write the demo world into out_dir; returns the manifest (also written as manifest.json)."""
     world = build_world(seed, n_entities, heldout_frac, en_frac)
     check_names_are_private()
     rng = lambda name: random.Random(f"minimind-demo-{name}-{seed}")  # one stream per file: edits stay local
-    pretrain = pretrain_docs(world, rng("pretrain"))
-    single, multi = sft_files(world, rng("sft"))
+    statements, pages = pretrain_docs(world, rng("pretrain"), rounds, mcq_pages)
+    pretrain = [{"text": t} for t in statements + pages]
+    rng("pretrain-order").shuffle(pretrain)
+    first_round = statements[:len(statements) // rounds]
+    single, multi = sft_files(world, rng("sft"), mcq_drills)
     lora, eval_lora = lora_files(world, rng("lora"))
-    dpo = dpo_pairs(world, rng("dpo"), "sft", max(300, len(entity_qas(world, "sft")) // 2))
-    eval_dpo = dpo_pairs(world, rng("eval-dpo"), "heldout", max(100, len(entity_qas(world, "heldout")) // 2))
+    dpo = dpo_pairs(world, rng("dpo"), "sft", max(300, len(entity_qas(world, "sft")) // 4))
+    eval_dpo = dpo_pairs(world, rng("eval-dpo"), "heldout", max(200, len(entity_qas(world, "heldout")) // 2))
     ev = eval_files(world, rng("eval"))
-    tokenizer_text = pretrain + [{"text": t} for rows in (single, multi, lora, dpo) for t in _texts(rows)]
     files = {
-        "tokenizer": ("tokenizer.jsonl", _jsonl(tokenizer_text)),
+        # the tokenizer learns from the pretraining statements: the pages name SFT entities more often, and would
+        # give their names merges that held-out names lack
+        "tokenizer": ("tokenizer.jsonl", _jsonl({"text": t} for t in first_round)),
+        # every name, both splits alike: the demo's tokenizer keeps them whole (see train_tokenizer.py --whole_words)
+        "names": ("names.txt", "".join(n + "\n" for n in all_names(world))),
         "pretrain": ("pretrain.jsonl", _jsonl(pretrain)),
         "sft_single": ("sft_single.jsonl", _jsonl(single)),
         "sft_multi": ("sft_multi.jsonl", _jsonl(multi)),
@@ -768,6 +854,7 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
         "dpo": ("dpo.jsonl", _jsonl(dpo)),
         "eval_pretrain": ("eval_pretrain.jsonl", _jsonl(ev["pretrain"])),
         "eval_sft": ("eval_sft.jsonl", _jsonl(ev["sft"])),
+        "eval_followup": ("eval_followup.jsonl", _jsonl(ev["followup"])),
         "eval_lora": ("eval_lora.jsonl", _jsonl(eval_lora)),
         "eval_dpo": ("eval_dpo.jsonl", _jsonl(eval_dpo)),
         "eval_style": ("eval_style.jsonl", _jsonl(ev["style"])),
@@ -780,14 +867,14 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # until the new manifest is written, the folder is incomplete
     os.makedirs(os.path.join(out_dir, "ceval"), exist_ok=True)
+    for old in os.listdir(os.path.join(out_dir, "ceval")):  # subjects of an earlier world must not linger
+        if old.endswith("_val.csv") and f"ceval:{old[:-len('_val.csv')]}" not in files:
+            os.remove(os.path.join(out_dir, "ceval", old))
     digest = hashlib.sha256()
     sizes = {}
     for role, (name, text) in files.items():
         data = text.encode("utf-8")
-        path = os.path.join(out_dir, name)
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)
+        atomic_write(os.path.join(out_dir, name), lambda tmp: Path(tmp).write_bytes(data))
         digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
         sizes[name] = {"rows": text.count("\n") - (1 if name.endswith(".csv") else 0), "chars": len(text)}
 
@@ -796,13 +883,17 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
     manifest = {
         "name": "MiniMind demo world",
         "seed": seed,
-        "params": {"n_entities": n_entities, "heldout_frac": heldout_frac, "en_frac": en_frac},
+        "params": {"n_entities": n_entities, "heldout_frac": heldout_frac, "en_frac": en_frac,
+                   "mcq_drills": mcq_drills, "rounds": rounds, "mcq_pages": mcq_pages},
         "files": {role: rel(name) for role, (name, _) in files.items() if not role.startswith("ceval:")},
         "sizes": sizes,
         "english_share_of_pretrain": {"rows": round(len(pre_en) / len(pretrain), 3),
                                       "chars": round(sum(map(len, pre_en)) / sum(len(r["text"]) for r in pretrain), 3)},
         "splits": {split: {t: [[e["zh"], e["en"]] for e in world["entities"][t] if e["split"] == split] for t in TYPES}
                    for split in ("sft", "heldout")},
+        "values": {f"{t}.{a}": sorted({v[lang] for split in ("sft", "heldout") for v in value_pool(world, t, a, split)
+                                       for lang in ("zh", "en")}) for t in TYPES for a in attrs_of(t)},
+        "sft_value_counts": sft_value_counts(world),
         "identity_keyword": IDENTITY_KEYWORD,
         "identity_answer": IDENTITY_ANSWER,
         "style_markers": STYLE_MARKERS,
@@ -813,7 +904,28 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
         "content_sha256": digest.hexdigest(),
     }
     manifest["files"]["ceval_dir"] = rel("ceval")
-    with open(manifest_path + ".tmp", "w", encoding="utf-8", newline="\n") as f:
-        f.write(json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
-    os.replace(manifest_path + ".tmp", manifest_path)
+    text = json.dumps(manifest, ensure_ascii=False, indent=1) + "\n"
+    atomic_write(manifest_path, lambda tmp: Path(tmp).write_bytes(text.encode("utf-8")))
     return manifest
+
+
+def all_names(world):
+    """Every made-up name of the world (entities of both splits and the countries), Chinese and Latin, sorted."""
+    refs = world["countries"] + [_ref(e) for t in TYPES for e in world["entities"][t]]
+    return sorted({r[lang] for r in refs for lang in ("zh", "en")})
+
+
+def sft_value_counts(world):
+    """How often each value of each attribute is the answer among the SFT entities (what the trivial baselines
+    learn from): {"type.attr": {lang: {value: count}}}."""
+    out = {}
+    for etype in TYPES:
+        for attr in attrs_of(etype):
+            counts = {"zh": {}, "en": {}}
+            for e in world["entities"][etype]:
+                if e["split"] == "sft":
+                    for lang in ("zh", "en"):
+                        v = e["attrs"][attr][lang]
+                        counts[lang][v] = counts[lang].get(v, 0) + 1
+            out[f"{etype}.{attr}"] = counts
+    return out

@@ -1,0 +1,219 @@
+"""Held-out measurements of the demo: the first-answer matcher, trivial baselines computed on the same rows,
+95% intervals, and one function per thing a stage should have changed in the model."""
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from ..generate import Engine, SamplingParams
+
+SENTENCE_END = re.compile(r"[。！？!?]|\.(?=\s|$)")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_jsonl(path, limit=None):
+    """Rows of a JSONL file; with limit, a fixed random sample of that many."""
+    return sample([json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()], limit)
+
+
+def sample(rows, limit=None, seed=0):
+    """A fixed random sample of limit rows (the same on every run; all of them when there are fewer)."""
+    if limit is not None and len(rows) > limit:
+        rows = random.Random(seed).sample(rows, limit)
+    return rows
+
+
+def read_ceval_keys(folder):
+    """The answer column of every *_val.csv of a C-Eval folder."""
+    import csv
+    return [row for path in sorted(Path(folder).glob("*_val.csv"))
+            for row in csv.DictReader(path.open(encoding="utf-8"))]
+
+
+# ----------------------------------------------------------------------------- matching
+
+def first_answer(text):
+    """The model's first answer: up to the first newline, </s> or sentence end (the end mark kept)."""
+    text = text.split("</s>")[0].split("\n")[0]
+    end = SENTENCE_END.search(text)
+    return text[:end.end()] if end else text
+
+
+def _joined(neighbour, edge):
+    """Whether two adjacent characters belong to one Latin word or number ('red' is not in 'coloured')."""
+    return all(c.isascii() and c.isalnum() for c in (neighbour, edge))
+
+
+def has_term(text, term):
+    """term occurs in text as a whole term (case-insensitive; Latin words and numbers are not cut)."""
+    text, term = text.lower(), term.lower()
+    start = text.find(term)
+    while start >= 0:
+        end = start + len(term)
+        if not ((start and _joined(text[start - 1], term[0])) or (end < len(text) and _joined(text[end], term[-1]))):
+            return True
+        start = text.find(term, start + 1)
+    return False
+
+
+def is_correct(output, expected, competitors=()):
+    """The first answer names the expected value as a whole term, and no other value of the same attribute."""
+    answer = first_answer(output)
+    if not has_term(answer, expected):
+        return False
+    rivals = [c for c in competitors if not (has_term(c, expected) or has_term(expected, c))]
+    return not any(has_term(answer, c) for c in rivals)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def wilson(hits, n, z=1.96):
+    """The 95% Wilson score interval of a proportion."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def proportion(flags, **extra):
+    """A measured share with its row count and interval (flags may hold halves for ties)."""
+    n = len(flags)
+    hits = float(sum(flags))
+    return {"value": round(hits / n, 4) if n else 0.0, "n": n, "ci95": wilson(hits, n), **extra}
+
+
+def value_baselines(rows, sft_value_counts):
+    """The two trivial answer rules on these rows, from the SFT entities' answers: always the most common value
+    of the asked attribute, and the value of a random SFT entity (its expected accuracy, exactly)."""
+    common, random_entity = [], []
+    for r in rows:
+        counts = sft_value_counts.get(f"{r['type']}.{r['attr']}", {}).get(r["lang"], {})
+        total = sum(counts.values())
+        common.append(bool(counts) and max(counts, key=counts.get) == r["answer"])
+        random_entity.append(counts.get(r["answer"], 0) / total if total else 0.0)
+    n = max(len(rows), 1)
+    return {"most_common_value": round(sum(common) / n, 4), "random_sft_entity": round(sum(random_entity) / n, 4)}
+
+
+# ----------------------------------------------------------------------------- generation
+
+def greedy(model, tokenizer, prompts, max_new_tokens=40, batch=32):
+    """Greedy answers to many prompts (chat message lists or raw strings), decoded in batches; each stops at
+    its first newline, which ends a first answer anyway."""
+    engine = Engine(model, tokenizer, max_batch=batch)
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, stop=["\n"])
+    requests = [engine.prepare(p, params) for p in prompts]
+    waiting = list(requests)
+    with torch.no_grad():
+        while waiting or engine.active:
+            if waiting and len(engine.active) < batch:
+                room = batch - len(engine.active)
+                engine.add_many(waiting[:room])
+                del waiting[:room]
+            if engine.active:
+                engine.step()
+    return [r.result().text for r in requests]
+
+
+def examples(rows, outputs, hits, key, n=4):
+    return [{key: r[key], "expected": r.get("answer"), "output": o, "correct": bool(h)}
+            for r, o, h in list(zip(rows, outputs, hits))[:n]]
+
+
+# ----------------------------------------------------------------------------- what each stage changed
+
+def fact_answers(model, tokenizer, rows, prompts, values, sft_value_counts, key):
+    """Score answers to fact rows against their expected values; baselines on the same rows."""
+    outputs = greedy(model, tokenizer, prompts)
+    hits = [is_correct(o, r["answer"], values.get(f"{r['type']}.{r['attr']}", ())) for o, r in zip(outputs, rows)]
+    base = value_baselines(rows, sft_value_counts)
+    return proportion(hits, baselines=base, baseline=max(base.values()), examples=examples(rows, outputs, hits, key))
+
+
+def completion(model, tokenizer, rows, manifest):
+    """Pretraining knowledge: <s> + a held-out completion prompt, continued with the right value."""
+    return fact_answers(model, tokenizer, rows, ["<s>" + r["prompt"] for r in rows], manifest["values"],
+                        manifest["sft_value_counts"], "prompt")
+
+
+def chat_answers(model, tokenizer, rows, manifest):
+    """Questions in the chat template, each after its row's earlier turns (if any)."""
+    prompts = [r.get("history", []) + [{"role": "user", "content": r["question"]}] for r in rows]
+    return fact_answers(model, tokenizer, rows, prompts, manifest["values"], manifest["sft_value_counts"], "question")
+
+
+def keyword_rate(model, tokenizer, prompts, keyword):
+    """Share of chat answers that contain the keyword (the identity answer)."""
+    outputs = greedy(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts])
+    hits = [has_term(o, keyword) for o in outputs]
+    return proportion(hits, examples=[{"prompt": p, "output": o, "hit": h} for p, o, h in
+                                      list(zip(prompts, outputs, hits))[:4]])
+
+
+def rude_or_evasive(output, markers, values):
+    """Rude when it holds a style marker (DPO saw only some of them); evasive when its first answer names no
+    value of the asked attribute at all (a wrong value is a knowledge error, not evasion)."""
+    text = output.lower()
+    return any(m.lower() in text for m in markers) or not any(has_term(first_answer(output), v) for v in values)
+
+
+def style_rate(model, tokenizer, rows, manifest):
+    outputs = greedy(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows])
+    hits = [rude_or_evasive(o, manifest["style_markers"], manifest["values"][f"{r['type']}.{r['attr']}"])
+            for o, r in zip(outputs, rows)]
+    return proportion(hits, examples=[{"prompt": r["prompt"], "output": o, "rude_or_evasive": h}
+                                      for r, o, h in list(zip(rows, outputs, hits))[:4]])
+
+
+def pair_logps(model, tokenizer, path, max_length=256):
+    """Per pair of a DPO file: summed log-probability and token count of the chosen and the rejected answer."""
+    from ..dataset import DPODataset, collate_pad
+    from ..trainer import pad_cat, sequence_logps
+    from contextlib import nullcontext
+    dataset = DPODataset(path, tokenizer, max_length=max_length)
+    sums, counts = [], []
+    with torch.no_grad():
+        for start in range(0, len(dataset), 32):
+            b = collate_pad([dataset[i] for i in range(start, min(start + 32, len(dataset)))])
+            labels = pad_cat(b["chosen_labels"], b["rejected_labels"], value=-100)
+            sums.append(sequence_logps(model, pad_cat(b["chosen_input_ids"], b["rejected_input_ids"]), labels,
+                                       nullcontext()).view(2, -1))
+            counts.append(((labels[:, 1:] != -100) & (labels[:, 1:] != 0)).sum(-1).view(2, -1))
+    return torch.cat(sums, dim=1), torch.cat(counts, dim=1)
+
+
+def _share(margin):
+    """Share of positive margins, a tie counting one half."""
+    return ((margin > 1e-6).float() + 0.5 * (margin.abs() <= 1e-6).float()).tolist()
+
+
+def likelihood_preference(logps, kinds=None):
+    """The model prefers the chosen answer when its mean log-probability per token is higher (length-normalised,
+    so a short reply does not win by being short). Per pair kind too."""
+    (sums, counts) = logps
+    per_token = sums / counts.clamp(min=1)
+    flags = _share(per_token[0] - per_token[1])
+    out = proportion(flags)
+    if kinds:
+        out["by_kind"] = {k: proportion([f for f, kk in zip(flags, kinds) if kk == k])["value"]
+                          for k in sorted(set(kinds))}
+    return out
+
+
+def implicit_reward_accuracy(policy, reference):
+    """DPO's own reward r = log pi(y|x) - log pi_ref(y|x): the share of pairs with r_chosen > r_rejected."""
+    (ps, _), (rs, _) = policy, reference
+    return proportion(_share((ps[0] - rs[0]) - (ps[1] - rs[1])))
+
+
+def length_baseline(logps):
+    """The best trivial rule on these pairs: always prefer the longer answer, or always the shorter one."""
+    _, counts = logps
+    longer = sum(_share((counts[0] - counts[1]).float())) / counts.shape[1]
+    return round(max(longer, 1 - longer), 4)
