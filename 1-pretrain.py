@@ -1,4 +1,6 @@
 """Stage 1, pretraining: learn to continue text by next-token prediction over a JSONL corpus."""
+from pathlib import Path
+
 from model import trainer as T
 
 DATA_HOW = "python data_process.py pretrain --input RAW.jsonl --output dataset/pretrain_data.jsonl"
@@ -22,7 +24,7 @@ def main():
     tokenizer = T.load_tokenizer(args, model)
     Dataset = PretrainDataset if args.no_pack else PackedPretrainDataset
     dataset = Dataset(args.data_path, tokenizer, max_length=args.max_seq_len)
-    out = T.Path(args.out_dir) / T.weights_name("pretrain", model.config)
+    out = Path(args.out_dir) / T.weights_name("pretrain", model.config)
     T.Trainer(args, rt, model, dataset, collate_pad, out).fit()
 
 

@@ -1,4 +1,6 @@
 """Stage 3, supervised fine-tuning: teach the pretrained model to answer, with loss on assistant tokens only."""
+from pathlib import Path
+
 from model import trainer as T
 
 DATA_HOW = "python data_process.py sft --input RAW.jsonl --output dataset/sft_data_single.jsonl"
@@ -18,7 +20,7 @@ def main():
     T.freeze_matching(model, args.freeze)
     from model.dataset import SFTDataset, collate_pad
     dataset = SFTDataset(args.data_path, T.load_tokenizer(args, model), max_length=args.max_seq_len)
-    out = T.Path(args.out_dir) / T.weights_name(args.out_name, model.config)
+    out = Path(args.out_dir) / T.weights_name(args.out_name, model.config)
     T.Trainer(args, rt, model, dataset, collate_pad, out).fit()
 
 

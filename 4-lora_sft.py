@@ -38,7 +38,7 @@ def main():
     model = get_peft_model(base, lora)
     from model.dataset import SFTDataset, collate_pad
     dataset = SFTDataset(args.data_path, T.load_tokenizer(args, base), max_length=args.max_seq_len)
-    adapter = T.Path(args.out_dir) / f"lora_{T.weights_name('sft', base.config)}"
+    adapter = Path(args.out_dir) / f"lora_{T.weights_name('sft', base.config)}"
     finished = T.Trainer(args, rt, model, dataset, collate_pad, adapter, save_fn=save_adapter).fit()
     if finished and args.merge and rt.is_main:
         merged = model.merge_and_unload()

@@ -1,5 +1,6 @@
 """Stage 5, DPO: prefer the chosen answer over the rejected one, measured against a frozen reference model."""
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ def main():
     reference = copy.deepcopy(policy).to(rt.device).eval().requires_grad_(False)
     from model.dataset import DPODataset, collate_pad
     dataset = DPODataset(args.data_path, T.load_tokenizer(args, policy), max_length=args.max_seq_len)
-    out = T.Path(args.out_dir) / T.weights_name("rl", policy.config)
+    out = Path(args.out_dir) / T.weights_name("rl", policy.config)
     T.Trainer(args, rt, policy, dataset, collate_pad, out, loss_fn=dpo_loss_fn(reference, args.beta),
               count_fn=lambda b: b["chosen_input_ids"].shape[0],
               metric_names=("chosen_reward", "rejected_reward", "margin", "pref_acc")).fit()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from model.convert import BOM, DataError, check_messages, BadRecord, missing_file_error
+from .convert import BOM, DataError, check_messages, BadRecord, missing_file_error
 
 IGNORE_INDEX = -100  # label value that carries no loss (prompt positions, padding)
 PAD_ID = 0

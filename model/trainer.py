@@ -168,9 +168,8 @@ class Runtime:
                 deepspeed.init_distributed(dist_backend=backend)
             else:
                 dist.init_process_group(backend=backend)
-        if args.dtype == "auto":
-            args.dtype = auto_dtype(self.device)
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        self.dtype_name = auto_dtype(self.device) if args.dtype == "auto" else args.dtype  # args stay as given
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype_name]
         if self.dtype == torch.float16 and self.device.type == "cpu":
             raise TrainError("--dtype float16 needs a GPU; on CPU use bfloat16 or float32")
         self.autocast = (nullcontext() if self.dtype == torch.float32 else
@@ -455,9 +454,6 @@ class Trainer:
 
     # -- checkpointing
 
-    def _unwrapped(self):
-        return self.model
-
     def save(self, final=False):
         """Weights under the seed's name, plus (unless final) the full state for --resume. Rank 0 writes."""
         rt = self.rt
@@ -562,7 +558,7 @@ class Trainer:
         rt.print(f"{self.stem}: {len(self.dataset)} samples, global batch {self.global_batch} "
                  f"({rt.world_size} process(es) x {a.batch_size} x {a.accumulation_steps} accumulation), "
                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps in total, "
-                 f"{sum(p.numel() for p in self.params) / 1e6:.3f}M trainable parameters, {a.dtype} on {rt.device}")
+                 f"{sum(p.numel() for p in self.params) / 1e6:.3f}M trainable parameters, {rt.dtype_name} on {rt.device}")
         self.model.train()
         t0, tokens_since, t_last = time.time(), 0, time.time()
         steps_at_start = self.step

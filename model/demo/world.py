@@ -8,8 +8,8 @@ import os
 import random
 from pathlib import Path
 
-from model.checkpoint import atomic_write
-from model.dataset import format_mcq
+from ..checkpoint import atomic_write
+from ..dataset import format_mcq
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary. Made-up names are built from syllables whose characters appear nowhere else in the
