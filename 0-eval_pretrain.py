@@ -1,8 +1,8 @@
 """Let a pretrained (not yet chat-tuned) model continue text: a quick look at what pretraining taught it."""
 import argparse
 
-from model.checkpoint import add_model_args
-from model.evaluation import add_sampling_args, load_or_exit, read_prompts, sampling_kwargs
+from model.cli import add_model_args, add_sampling_args, load_or_exit, sampling_kwargs
+from model.evaluation import read_prompts
 from model.generate import Engine
 
 DEMO_PROMPTS = [

@@ -1,8 +1,8 @@
 """Chat with a fine-tuned model: the seed's demo questions, a prompt file or an interactive session, streamed."""
 import argparse
 
-from model.checkpoint import add_model_args
-from model.evaluation import add_sampling_args, chat_input_ids, load_or_exit, read_prompts, sampling_kwargs
+from model.cli import add_model_args, add_sampling_args, load_or_exit, sampling_kwargs
+from model.evaluation import chat_input_ids, read_prompts
 from model.generate import Engine
 
 DEMO_QUESTIONS = [

@@ -1,13 +1,14 @@
 """Stage 3, supervised fine-tuning: teach the pretrained model to answer, with loss on assistant tokens only."""
 from pathlib import Path
 
-from model import trainer as T
+from model import cli, trainer as T
+from model.checkpoint import weights_name
 
 DATA_HOW = "python data_process.py sft --input RAW.jsonl --output dataset/sft_data_single.jsonl"
 
 
 def main():
-    p = T.stage_parser(__doc__, lr=5e-5, epochs=1, batch_size=32, data_path="dataset/sft_data_single.jsonl")
+    p = cli.stage_parser(__doc__, lr=5e-5, epochs=1, batch_size=32, data_path="dataset/sft_data_single.jsonl")
     p.add_argument("--init", default=None, help="start checkpoint (default: out_dir/pretrain_{dim}[_moe].pth)")
     p.add_argument("--out_name", default="full_sft", help="weights file prefix (the seed's full_sft)")
     p.add_argument("--freeze", default=None, metavar="REGEX",
@@ -16,13 +17,13 @@ def main():
     args = p.parse_args()
     T.require_data(args.data_path, DATA_HOW)
     rt = T.Runtime(args)
-    model = T.init_model(args, args.init or T.default_init(args, "pretrain"), "python 1-pretrain.py")
+    model = T.init_model(args, "pretrain")
     T.freeze_matching(model, args.freeze)
     from model.dataset import SFTDataset, collate_pad
     dataset = SFTDataset(args.data_path, T.load_tokenizer(args, model), max_length=args.max_seq_len)
-    out = Path(args.out_dir) / T.weights_name(args.out_name, model.config)
+    out = Path(args.out_dir) / weights_name(args.out_name, model.config)
     T.Trainer(args, rt, model, dataset, collate_pad, out).fit()
 
 
 if __name__ == "__main__":
-    T.run(main)
+    cli.run(main)

@@ -1,10 +1,9 @@
 """Stage 4, LoRA: adapt an SFT model with small low-rank adapters (peft) while its own weights stay frozen."""
-import os
-import shutil
 from pathlib import Path
 
-from model import trainer as T
-from model.checkpoint import save_weights
+from model import cli, trainer as T
+from model.checkpoint import save_weights, weights_name
+from model.files import atomic_folder
 
 DATA_HOW = "python data_process.py demo   (its lora_identity.jsonl), or an SFT file made by data_process.py sft"
 TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
@@ -12,17 +11,12 @@ TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 
 def save_adapter(peft_model, weights_path):
     """The adapter folder (peft format) beside the state files, swapped in whole."""
-    folder = Path(weights_path).with_suffix("")
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")  # made by peft: the user's usual permissions
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with atomic_folder(Path(weights_path).with_suffix("")) as tmp:
+        peft_model.save_pretrained(tmp)
 
 
 def main():
-    p = T.stage_parser(__doc__, lr=1e-4, epochs=5, batch_size=16, data_path="dataset/lora_identity.jsonl")
+    p = cli.stage_parser(__doc__, lr=1e-4, epochs=5, batch_size=16, data_path="dataset/lora_identity.jsonl")
     p.add_argument("--init", default=None, help="base checkpoint (default: out_dir/full_sft_{dim}[_moe].pth)")
     p.add_argument("--lora_rank", type=int, default=8)
     p.add_argument("--lora_alpha", type=int, default=16)
@@ -31,21 +25,21 @@ def main():
     args = p.parse_args()
     T.require_data(args.data_path, DATA_HOW)
     rt = T.Runtime(args)
-    base = T.init_model(args, args.init or T.default_init(args, "full_sft"), "python 3-full_sft.py")
+    base = T.init_model(args, "full_sft")
     from peft import LoraConfig, get_peft_model
     lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=TARGETS, bias="none")
     model = get_peft_model(base, lora)
     from model.dataset import SFTDataset, collate_pad
     dataset = SFTDataset(args.data_path, T.load_tokenizer(args, base), max_length=args.max_seq_len)
-    adapter = Path(args.out_dir) / f"lora_{T.weights_name('sft', base.config)}"
+    adapter = Path(args.out_dir) / f"lora_{weights_name('sft', base.config)}"
     finished = T.Trainer(args, rt, model, dataset, collate_pad, adapter, save_fn=save_adapter).fit()
     if finished and args.merge and rt.is_main:
         merged = model.merge_and_unload()
-        out = Path(args.out_dir) / T.weights_name("lora", merged.config)
+        out = Path(args.out_dir) / weights_name("lora", merged.config)
         save_weights(merged, out)
         print(f"merged LoRA weights -> {out}")
 
 
 if __name__ == "__main__":
-    T.run(main)
+    cli.run(main)

@@ -5,7 +5,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import trainer as T
+from model import cli, trainer as T
+from model.checkpoint import weights_name
+from model.model import IGNORE, pad_cat, sequence_logps
 
 DATA_HOW = "python data_process.py dpo --input RAW.json --output dataset/dpo_data.jsonl"
 
@@ -13,12 +15,12 @@ DATA_HOW = "python data_process.py dpo --input RAW.json --output dataset/dpo_dat
 def dpo_loss_fn(reference, beta):
     """The DPO objective: -log sigmoid(beta * (policy log-ratio - reference log-ratio)), summed over pairs."""
     def loss_fn(policy, batch, autocast):
-        ids = T.pad_cat(batch["chosen_input_ids"], batch["rejected_input_ids"])
-        labels = T.pad_cat(batch["chosen_labels"], batch["rejected_labels"], value=-100)
+        ids = pad_cat(batch["chosen_input_ids"], batch["rejected_input_ids"])
+        labels = pad_cat(batch["chosen_labels"], batch["rejected_labels"], value=IGNORE)
         n = batch["chosen_input_ids"].shape[0]
-        logp = T.sequence_logps(policy, ids, labels, autocast)
+        logp = sequence_logps(policy, ids, labels, autocast)
         with torch.no_grad():
-            ref = T.sequence_logps(reference, ids, labels, autocast)
+            ref = sequence_logps(reference, ids, labels, autocast)
         chosen_reward = beta * (logp[:n] - ref[:n])
         rejected_reward = beta * (logp[n:] - ref[n:])
         losses = -F.logsigmoid(chosen_reward - rejected_reward)
@@ -30,21 +32,21 @@ def dpo_loss_fn(reference, beta):
 
 
 def main():
-    p = T.stage_parser(__doc__, lr=1e-5, epochs=1, batch_size=8, data_path="dataset/dpo_data.jsonl")
+    p = cli.stage_parser(__doc__, lr=1e-5, epochs=1, batch_size=8, data_path="dataset/dpo_data.jsonl")
     p.add_argument("--init", default=None, help="policy start and reference (default: out_dir/full_sft_{dim}.pth)")
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference model")
     args = p.parse_args()
     T.require_data(args.data_path, DATA_HOW)
     rt = T.Runtime(args)
-    policy = T.init_model(args, args.init or T.default_init(args, "full_sft"), "python 3-full_sft.py")
+    policy = T.init_model(args, "full_sft")
     reference = copy.deepcopy(policy).to(rt.device).eval().requires_grad_(False)
     from model.dataset import DPODataset, collate_pad
     dataset = DPODataset(args.data_path, T.load_tokenizer(args, policy), max_length=args.max_seq_len)
-    out = Path(args.out_dir) / T.weights_name("rl", policy.config)
+    out = Path(args.out_dir) / weights_name("rl", policy.config)
     T.Trainer(args, rt, policy, dataset, collate_pad, out, loss_fn=dpo_loss_fn(reference, args.beta),
               count_fn=lambda b: b["chosen_input_ids"].shape[0],
               metric_names=("chosen_reward", "rejected_reward", "margin", "pref_acc")).fit()
 
 
 if __name__ == "__main__":
-    T.run(main)
+    cli.run(main)

@@ -14,8 +14,8 @@ from openai import OpenAI, OpenAIError
 def ask(client, args, history):
     """Send the history, print the answer as it arrives, and return it."""
     extra = {"top_k": args.top_k} if args.top_k else None
-    common = dict(model=args.model, messages=history, temperature=args.temperature, top_p=args.top_p,
-                  max_tokens=args.max_tokens, extra_body=extra)
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
+    common = dict(model=args.model, messages=history, max_tokens=args.max_tokens, extra_body=extra, **sampling)
     if args.no_stream:
         answer = client.chat.completions.create(**common).choices[0].message.content or ""
         print(answer, flush=True)
@@ -48,8 +48,8 @@ def main():
     p.add_argument("--once", metavar="QUESTION", default=None, help="ask one question, print the answer, exit")
     p.add_argument("--no-stream", action="store_true", help="wait for whole answers instead of streaming")
     p.add_argument("--single-turn", action="store_true", help="forget earlier turns (default: keep the history)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, default=None, help="default: the server's")
+    p.add_argument("--top_p", type=float, default=None, help="default: the server's")
     p.add_argument("--top_k", type=int, default=0, help="server extension; 0 = off")
     p.add_argument("--max_tokens", type=int, default=-1, help="-1: up to the model's context limit")
     args = p.parse_args()

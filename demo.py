@@ -109,7 +109,7 @@ def main():
         pipe.stage("tokenizer", ["train_tokenizer.py", "--data_path", files["tokenizer"], "--out_dir", tokenizer,
                                  "--vocab_size", vocab, "--whole_words", files["names"]])
 
-    from model.trainer import weights_name
+    from model.checkpoint import weights_name
     from model.LMConfig import LMConfig
     config = LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads)
     name = lambda prefix: weights_name(prefix, config)

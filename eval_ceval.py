@@ -7,9 +7,8 @@ import sys
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import add_model_args
-from model.evaluation import (checked, format_table, load_or_exit, read_ceval_dir, score_questions, summarize,
-                              write_results)
+from model.cli import add_model_args, checked, load_or_exit
+from model.evaluation import format_table, read_ceval_dir, score_questions, summarize, write_results
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -4,14 +4,15 @@ file for llama.cpp and the tools built on it (ollama, LM Studio)."""
 import argparse
 import copy
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from model.checkpoint import CheckpointError, add_model_args, load_model, load_tokenizer_dir
+from model.checkpoint import CheckpointError, load_model, load_tokenizer_dir
+from model.cli import add_model_args
+from model.files import atomic_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -159,13 +160,10 @@ def export(model, tokenizer_dir, out, fmt="transformers", dtype="float32"):
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "config.json").is_file():
         raise ValueError(f"{out} exists and is not an exported model folder; refusing to replace it")
     target = to_llama(model) if fmt == "llama" else model
-    tmp = out.with_name(f".{out.name}.tmp")  # written aside, then swapped in: no half-written export
-    shutil.rmtree(tmp, ignore_errors=True)
-    (copy.deepcopy(target).to(DTYPES[dtype]) if dtype != "float32" else target).save_pretrained(tmp)
-    copy_tokenizer(tokenizer_dir, tmp)
-    save_generation_config(tmp)
-    shutil.rmtree(out, ignore_errors=True)  # stale shards or code of an earlier export must not mix in
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:  # swapped in whole: no half-written export, no stale shards of an earlier one
+        (copy.deepcopy(target).to(DTYPES[dtype]) if dtype != "float32" else target).save_pretrained(tmp)
+        copy_tokenizer(tokenizer_dir, tmp)
+        save_generation_config(tmp)
     if fmt == "llama":
         loaded = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
     else:

@@ -8,22 +8,20 @@ import os
 import sys
 
 import streamlit as st
-import torch
 
-from model.checkpoint import DEFAULT_TOKENIZER, load_model
+from model.checkpoint import load_model
+from model.cli import add_model_args, sampling_type
 from model.generate import Engine, SamplingParams, Scheduler, single_torch_thread
+
+DEFAULTS = SamplingParams()  # the sidebar's starting values
 
 
 def cli_args():
     """Flags after `--` on the streamlit command line (unknown ones are ignored)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--model", default=os.environ.get("MINIMIND_MODEL", "out/full_sft_512.pth"))
-    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
-    p.add_argument("--dim", type=int, default=None, help="shape of a published v1 .pth without sidecar")
-    p.add_argument("--n_layers", type=int, default=None)
-    p.add_argument("--use_moe", action="store_true", default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--temperature", type=float, default=0.7, help="the sidebar's starting value")
+    add_model_args(p, default_model=os.environ.get("MINIMIND_MODEL", "out/full_sft_512.pth"))
+    p.add_argument("--temperature", type=sampling_type("temperature", float), default=DEFAULTS.temperature,
+                   help="the sidebar's starting value")
     return p.parse_known_args(sys.argv[1:])[0]
 
 
@@ -43,11 +41,12 @@ def sidebar(args):
         tokenizer_path = st.text_input("Tokenizer folder", args.tokenizer, key="tokenizer_path")
         params = SamplingParams(
             temperature=st.slider("Temperature (0 = greedy)", 0.0, 2.0, args.temperature, 0.05, key="temperature"),
-            top_p=st.slider("Top-p", 0.05, 1.0, 0.9, 0.05, key="top_p"),
-            top_k=int(st.number_input("Top-k (0 = off)", 0, 6400, 0, key="top_k")),
+            top_p=st.slider("Top-p", 0.05, 1.0, DEFAULTS.top_p, 0.05, key="top_p"),
+            top_k=int(st.number_input("Top-k (0 = off)", 0, 6400, DEFAULTS.top_k, key="top_k")),
             max_new_tokens=int(st.number_input("Max new tokens (-1 = up to the context)", -1, 1 << 20, -1,
                                                key="max_new_tokens")),
-            repetition_penalty=st.slider("Repetition penalty", 1.0, 2.0, 1.0, 0.05, key="repetition_penalty"),
+            repetition_penalty=st.slider("Repetition penalty", 1.0, 2.0, DEFAULTS.repetition_penalty, 0.05,
+                                         key="repetition_penalty"),
         )
         multi_turn = st.toggle("Multi-turn (send the whole conversation)", True, key="multi_turn")
         if st.button("Clear the conversation", key="clear"):

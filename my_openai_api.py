@@ -25,13 +25,13 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.checkpoint import add_model_args
-from model.evaluation import load_or_exit
-from model.generate import Engine, SamplingParams, Scheduler, single_torch_thread
+from model.checkpoint import weights_name
+from model.cli import add_model_args, load_or_exit
+from model.generate import Engine, SamplingParams, Scheduler, sampling_problem, single_torch_thread
 
 log = logging.getLogger("minimind.api")
 ROLES = ("system", "user", "assistant", "developer")  # "developer" is OpenAI's newer name for system
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.9
+DEFAULTS = SamplingParams()  # a field a request leaves out (or sends as null) gets its default
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: hundreds of thousands of characters, far beyond any context
 SURROGATE = re.compile("[\ud800-\udfff]")  # a lone UTF-16 half: valid in a JSON escape, not as text
 
@@ -126,7 +126,8 @@ def parse_request(body):
         raise bad("model", f"'model' must be a string, got {type(body['model']).__name__}")
     messages = parse_messages(body.get("messages"))
 
-    def field(name, default, ok, rule, kind=(is_number, "a number")):
+    def field(name, default, rule=None, kind=(is_number, "a number")):
+        """The value of a request field; `rule`: the sampling rule it must meet (SAMPLING_RULES's name)."""
         value = body.get(name)
         if value is None:
             return default
@@ -134,20 +135,21 @@ def parse_request(body):
             raise bad(name, f"'{name}' must be {kind[1]}, got {type(value).__name__}")
         if kind[0] is is_int:
             value = int(value)
-        if not ok(value):
-            raise bad(name, f"'{name}' is {short(value)}; it must be {rule}", "invalid_value")
+        if rule and (why := sampling_problem(rule, value)):
+            raise bad(name, f"'{name}' is {short(value)}; it {why}", "invalid_value")
         return value
 
     integer = partial(field, kind=(is_int, "an integer"))
 
-    temperature = field("temperature", DEFAULT_TEMPERATURE, lambda v: 0 <= v <= 2, "between 0 and 2")
-    top_p = field("top_p", DEFAULT_TOP_P, lambda v: 0 < v <= 1, "greater than 0 and at most 1")
-    repetition_penalty = field("repetition_penalty", 1.0, lambda v: 0 < v <= 10, "greater than 0 and at most 10")
-    top_k = integer("top_k", 0, lambda v: v >= 0, "0 (off) or more")
-    integer("n", 1, lambda v: v == 1, "1 (one choice per request)")
-    seed = integer("seed", None, lambda v: True, "")
+    temperature = field("temperature", DEFAULTS.temperature, "temperature")
+    top_p = field("top_p", DEFAULTS.top_p, "top_p")
+    repetition_penalty = field("repetition_penalty", DEFAULTS.repetition_penalty, "repetition_penalty")
+    top_k = integer("top_k", DEFAULTS.top_k, "top_k")
+    if (n := integer("n", 1)) != 1:
+        raise bad("n", f"'n' is {short(n)}; it must be 1 (one choice per request)", "invalid_value")
+    seed = integer("seed", None)
     seed = None if seed is None else seed % 2**64  # any integer: the generator takes 64 bits
-    limits = [integer(name, None, lambda v: v == -1 or v >= 1, "-1 (up to the context limit) or at least 1")
+    limits = [integer(name, None, "max_new_tokens")
               for name in ("max_tokens", "max_completion_tokens")]  # both checked; max_tokens wins
     max_tokens = limits[0] if limits[0] is not None else limits[1]
 
@@ -445,8 +447,8 @@ def main():
             "3-full_sft.py names it). A prompt longer than the model's context (max_seq_len) is cut from the left "
             "by default: the newest tokens are kept, leaving room for the answer, and the response header "
             "X-Prompt-Tokens-Truncated says how many were dropped; --strict-context makes it a 400 error instead. "
-            f"Sampling defaults when a request leaves them out: temperature {DEFAULT_TEMPERATURE}, top_p "
-            f"{DEFAULT_TOP_P}; max_tokens absent or -1 means up to the context limit, and an answer that reaches "
+            f"Sampling defaults when a request leaves them out: temperature {DEFAULTS.temperature}, top_p "
+            f"{DEFAULTS.top_p}; max_tokens absent or -1 means up to the context limit, and an answer that reaches "
             "the limit ends with finish_reason 'length'. Ranges: temperature 0-2 (0 greedy; any tiny value is "
             "near-greedy, never an error), top_p (0, 1], top_k >= 0, repetition_penalty (0, 10], seed any integer "
             "(taken modulo 2**64); others are a 400 error naming the field. Extensions to the OpenAI fields: top_k, "
@@ -472,7 +474,7 @@ def main():
     if args.max_body_bytes < 1:
         parser.error("--max-body-bytes must be at least 1")
     if args.model == "out/full_sft_512.pth" and (args.dim or args.use_moe):  # the training stage's name for it
-        args.model = f"out/full_sft_{args.dim or 512}{'_moe' if args.use_moe else ''}.pth"
+        args.model = f"out/{weights_name('full_sft', args)}"
     threads = single_torch_thread()  # only the scheduler's thread runs parallel kernels
     threads = args.threads or threads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -172,7 +172,7 @@ def demo_engine_share(args):
     import demo
     import subprocess
     from transformers import AutoTokenizer
-    from model import trainer as T
+    from model import cli, trainer as T
     from model.dataset import PackedPretrainDataset, PretrainDataset, collate_pad
     defaults = vars(demo.parse_args([]))  # the demo's own defaults
     work = Path(tempfile.mkdtemp(prefix="bench-demo-"))
@@ -188,7 +188,7 @@ def demo_engine_share(args):
              "--n_heads", str(defaults["n_heads"]), "--n_kv_heads", str(defaults["n_kv_heads"]), "--vocab_size",
              str(defaults["vocab_size"]), "--max_seq_len", str(seq), "--batch_size", str(batch), "--dtype", "float32",
              "--device", "cpu", "--save_interval", "1000000", "--learning_rate", "1e-3"]
-    a = T.stage_parser("bench", lr=1e-3, epochs=1, batch_size=batch, data_path=str(work / "pretrain.jsonl")).parse_args(flags)
+    a = cli.stage_parser("bench", lr=1e-3, epochs=1, batch_size=batch, data_path=str(work / "pretrain.jsonl")).parse_args(flags)
     model = T.new_model(a)
     packed = PackedPretrainDataset(work / "pretrain.jsonl", tok, seq)
     plain = PretrainDataset(work / "pretrain.jsonl", tok, seq)

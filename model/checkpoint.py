@@ -2,15 +2,14 @@
 and exported transformers folders, always atomically on write and weights-only on read (nothing read from a
 file runs code), with one-line errors that name the file."""
 import json
-import os
 import pickle
 import re
-import uuid
 from pathlib import Path
 
 import torch
 
 from .LMConfig import LMConfig
+from .files import atomic_write, first_line
 from .model import Transformer, strip_compile_prefix
 
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "use_moe",
@@ -21,37 +20,15 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or does not fit the requested model shape."""
 
 
-class WriteError(CheckpointError, OSError):
-    """A file that could not be written, named in one line (an OSError too, for callers that catch those)."""
+# which stage script writes which weights prefix (the seed's file names; the demo uses the same)
+STAGE_SCRIPTS = {"pretrain": "1-pretrain.py", "full_sft": "3-full_sft.py", "lora": "4-lora_sft.py",
+                 "rl": "5-dpo_train.py", "dpo": "5-dpo_train.py"}
 
 
-def first_line(e, limit=300):
-    """An exception as one short line (torch and transformers messages run over many lines)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def atomic_write(path, write_fn):
-    """Run write_fn(tmp_path), then rename over path: readers never see a half-written file. write_fn creates
-    the temporary file, so it gets the user's usual permissions (not mkstemp's 0600). A failure is a WriteError
-    naming `path`; the old file, if any, is kept."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"  # unique: never another file
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_fn(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise WriteError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
-    except RuntimeError as e:  # torch.save reports a failed write as "[enforce fail at ...] ... strerror: REASON"
-        reason = re.search(r"strerror: ([^.;]+)", str(e))
-        raise WriteError(f"cannot write {path}: {reason.group(1) if reason else first_line(e)}") from None
-    finally:
-        if tmp.exists():
-            os.remove(tmp)
+def weights_name(prefix, shape):
+    """The seed's file name of a stage's weights, `{prefix}_{dim}[_moe].pth` (pretrain_512.pth,
+    full_sft_512_moe.pth, rl_512.pth, ...). `shape` is a config or parsed flags (dim None: 512; use_moe None: dense)."""
+    return f"{prefix}_{shape.dim or 512}{'_moe' if shape.use_moe else ''}.pth"
 
 
 def sidecar_path(pth) -> Path:
@@ -203,18 +180,6 @@ def load_model(path, device="cpu", dtype=None, **shape) -> Transformer:
 
 
 DEFAULT_TOKENIZER = str(Path(__file__).resolve().parent / "minimind_tokenizer")
-
-
-def add_model_args(parser, default_model=None):
-    """The flags every inference script shares: which weights, which tokenizer, and shape hints for v1 files."""
-    parser.add_argument("--model", default=default_model, required=default_model is None,
-                        help="our .pth (shape from its .json sidecar), a published v1 .pth, or an exported folder")
-    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer folder (default: the shipped one)")
-    parser.add_argument("--dim", type=int, default=None, help="shape of a v1 .pth without sidecar (else inferred)")
-    parser.add_argument("--n_layers", type=int, default=None, help="shape of a v1 .pth without sidecar")
-    parser.add_argument("--use_moe", action="store_true", default=None, help="the v1 .pth is a MoE model")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser
 
 
 def load_tokenizer_dir(folder, vocab_size=None):

@@ -6,9 +6,10 @@ import json
 import os
 import re
 from collections import Counter
-from contextlib import contextmanager
 
 from tqdm import tqdm
+
+from .files import atomic_open, temp_path
 
 BOM = b"\xef\xbb\xbf"
 DEFAULT_MAX_LINE_BYTES = 4 << 20  # 4 MiB: far above any sane record, far below a memory problem
@@ -367,31 +368,7 @@ def dpo_record(obj):
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing: atomic (OUT.tmp, then rename), with a summary of everything read.
-
-
-@contextmanager
-def atomic_open(path):
-    """A text file that appears at `path` only once completely written (as PATH.tmp until then)."""
-    tmp = f"{path}.tmp"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        f = open(tmp, "w", encoding="utf-8", newline="")
-    except OSError as e:
-        raise DataError(f"{path}: cannot write here: {e.strerror or e}") from None
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-    except BaseException:
-        f.close()
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+# Writing: atomic (model/files.py), with a summary of everything read.
 
 
 def check_paths(in_path, out_path, *also_written):
@@ -433,7 +410,7 @@ def convert(in_path, out_path, make_record, *, skip_bad=False, max_line_bytes=DE
     error (nothing is written) unless allow_empty.
     """
     bad_path = f"{out_path}.bad_lines.txt"
-    check_paths(in_path, out_path, f"{out_path}.tmp", *([bad_path] if skip_bad else []))
+    check_paths(in_path, out_path, temp_path(out_path), *([bad_path] if skip_bad else []))
     stats = Counter()
     # progress=None: a bar only on a terminal; False: never
     bar = tqdm(total=os.path.getsize(in_path), unit="B", unit_scale=True, desc=os.path.basename(in_path),

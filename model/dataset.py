@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .files import WriteError, atomic_open, atomic_write
 from .convert import BOM, DataError, check_messages, BadRecord, missing_file_error
 
 IGNORE_INDEX = -100  # label value that carries no loss (prompt positions, padding)
@@ -174,15 +175,6 @@ class RecordIndex:
 
     def _build(self):
         size = self.stamp[0]
-        tmp = f"{self.idx_path}.{os.getpid()}.tmp"
-        try:
-            out = open(tmp, "wb")
-        except OSError:
-            warnings.warn(f"cannot write {self.idx_path}; keeping the offset index in memory")
-            parts = []
-            with open(self.path, "rb") as f:
-                (_scan_csv if self.is_csv else _scan_jsonl)(f, size, parts.append)
-            return np.concatenate(parts + [np.array([size])]).astype("<i8")
         n = 0
 
         def emit(starts):
@@ -191,19 +183,20 @@ class RecordIndex:
             n += len(starts)
 
         try:
-            out.write(np.zeros(_HEADER, dtype="<i8").tobytes())
+            with atomic_open(self.idx_path, "wb") as out:
+                out.write(np.zeros(_HEADER, dtype="<i8").tobytes())
+                with open(self.path, "rb") as f:
+                    (_scan_csv if self.is_csv else _scan_jsonl)(f, size, emit)
+                out.write(np.array([size], dtype="<i8").tobytes())  # end sentinel: record i is [o[i], o[i+1])
+                out.seek(0)
+                size, mtime, inode = self.stamp
+                out.write(np.array([_MAGIC, size, mtime, n, self.is_csv, inode, 0, 0], dtype="<i8").tobytes())
+        except WriteError:
+            warnings.warn(f"cannot write {self.idx_path}; keeping the offset index in memory")
+            parts = []
             with open(self.path, "rb") as f:
-                (_scan_csv if self.is_csv else _scan_jsonl)(f, size, emit)
-            out.write(np.array([size], dtype="<i8").tobytes())  # end sentinel: record i is [o[i], o[i+1])
-            out.seek(0)
-            size, mtime, inode = self.stamp
-            out.write(np.array([_MAGIC, size, mtime, n, self.is_csv, inode, 0, 0], dtype="<i8").tobytes())
-            out.close()
-            os.replace(tmp, self.idx_path)
-        except BaseException:
-            out.close()
-            os.remove(tmp)
-            raise
+                (_scan_csv if self.is_csv else _scan_jsonl)(f, size, parts.append)
+            return np.concatenate(parts + [np.array([size])]).astype("<i8")
         return self._load()
 
     def __len__(self):
@@ -369,8 +362,6 @@ def document_tokens(docs):
     loaded = _load_tokens(cache, stamp, len(docs), dtype)
     if loaded is not None:
         return loaded
-    from .checkpoint import atomic_write
-
     def write(tmp):
         offsets = [0]
         with open(tmp, "wb") as f:

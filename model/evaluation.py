@@ -1,5 +1,5 @@
-"""What the inference scripts share: loading with one-line errors, prompt files, sampling flags and C-Eval scoring."""
-import argparse
+"""What the inference scripts share besides their flags (model/cli.py): prompt files, chat prompts within a token
+budget, and C-Eval / CMMLU scoring."""
 import csv
 import json
 import sys
@@ -8,37 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_write, first_line, load_model_and_tokenizer
+from .files import atomic_write, first_line
 from .dataset import format_mcq  # the MCQ layout the SFT data teaches; scoring must ask the same way
-
-# ---------------------------------------------------------------------------------------------------------
-# loading: a missing file is a one-line message that says which stage script makes it
-
-STAGE_SCRIPTS = (("pretrain", "1-pretrain.py"), ("full_sft", "3-full_sft.py"), ("lora", "4-lora_sft.py"),
-                 ("rl", "5-dpo_train.py"), ("dpo", "5-dpo_train.py"))
-
-
-def stage_hint(path) -> str:
-    """Which numbered script writes a checkpoint of this name (out/full_sft_512.pth -> python 3-full_sft.py)."""
-    name = Path(path).name
-    for prefix, script in STAGE_SCRIPTS:
-        if name.startswith(prefix):
-            return f"train it with `python {script}`"
-    return "train one with the numbered stage scripts"
-
-
-def load_or_exit(args):
-    """Model and tokenizer from the add_model_args flags, or exit with one line naming what is missing."""
-    if not Path(args.model).exists():
-        sys.exit(f"error: model {args.model} not found; {stage_hint(args.model)} (or pass --model PATH)")
-    if not (Path(args.tokenizer) / "tokenizer.json").is_file():
-        sys.exit(f"error: tokenizer folder {args.tokenizer} has no tokenizer.json; build it with "
-                 f"`python train_tokenizer.py` (or pass --tokenizer DIR)")
-    try:
-        return load_model_and_tokenizer(args)
-    except (CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
 
 # ---------------------------------------------------------------------------------------------------------
 # prompts and streamed generation
@@ -69,36 +40,6 @@ def read_prompts(path):
     if not prompts:
         sys.exit(f"error: {path} holds no prompts")
     return prompts
-
-
-def checked(kind, ok, what):
-    """An argparse type that also rejects out-of-range values with a message saying the valid range."""
-    def parse(text):
-        value = kind(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {what}")
-        return value
-    return parse
-
-
-def add_sampling_args(p, max_new_tokens=256):
-    p.add_argument("--temperature", type=checked(float, lambda v: v >= 0, ">= 0"), default=0.7, help="0 means greedy")
-    p.add_argument("--top_p", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=0.9,
-                   help="nucleus sampling mass (1 disables)")
-    p.add_argument("--top_k", type=checked(int, lambda v: v >= 0, ">= 0"), default=0,
-                   help="keep the k most likely tokens (0 disables)")
-    p.add_argument("--repetition_penalty", type=checked(float, lambda v: v > 0, "> 0"), default=1.0,
-                   help="1 disables")
-    p.add_argument("--max_new_tokens", type=checked(int, lambda v: v >= 1, ">= 1"), default=max_new_tokens)
-    p.add_argument("--seed", type=int, default=42, help="sampling seed of every reply (the same prompt gives the "
-                   "same answer)")
-    return p
-
-
-def sampling_kwargs(args):
-    """The sampling flags as keyword arguments of model.generate.Engine.stream."""
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def chat_input_ids(tokenizer, messages, budget):

@@ -23,10 +23,11 @@ A prompt is a list of chat messages (rendered with the tokenizer's chat template
 write "<s>" yourself where the model expects it) or a list of token ids.
 
 Sampling (SamplingParams fields, or keyword arguments of stream/complete):
-    temperature         0 = greedy (argmax), else logits / temperature          default 0.7
+    temperature         0 = greedy (argmax), else logits / temperature, at most 2 default 0.7
     top_k               keep the k most likely tokens, 0 = off                   default 0
     top_p               keep the smallest set with probability >= top_p, 1 = off default 0.9
-    repetition_penalty  divide positive / multiply negative logits of tokens already in prompt or answer, 1 = off
+    repetition_penalty  divide positive / multiply negative logits of tokens already in prompt or answer, 1 = off,
+                        at most 10
     max_new_tokens      None or -1: until the context (config.max_seq_len) is full
     stop                strings that end the answer (not included in it); the eos token </s> always does
     seed                per-request torch.Generator seed in [-2**63, 2**64); None = random
@@ -64,6 +65,25 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
+# What each sampling parameter accepts, stated once: SamplingParams, the command-line flags (model/cli.py) and
+# the API server's request checks all test values against these rules. (None, where a field allows it, means
+# "not set" and is not checked.)
+SAMPLING_RULES = {
+    "temperature": (lambda v: 0 <= v <= 2, "between 0 and 2"),
+    "top_p": (lambda v: 0 < v <= 1, "greater than 0 and at most 1"),
+    "top_k": (lambda v: v >= 0, "0 (off) or more"),
+    "repetition_penalty": (lambda v: 0 < v <= 10, "greater than 0 and at most 10"),
+    "max_new_tokens": (lambda v: v == -1 or v >= 1, "-1 (up to the context limit) or at least 1"),
+    "seed": (lambda v: -2**63 <= v < 2**64, "within [-2**63, 2**64)"),
+}
+
+
+def sampling_problem(name, value):
+    """None when `value` is acceptable for the sampling parameter `name`, else "must be RULE"."""
+    ok, rule = SAMPLING_RULES[name]
+    return None if ok(value) else f"must be {rule}"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.7
@@ -79,18 +99,10 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in (self.stop or ()) if s))
-        checks = [
-            ("temperature", self.temperature >= 0, "must be >= 0"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", self.top_k >= 0, "must be >= 0"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
-            ("seed", self.seed is None or -2**63 <= self.seed < 2**64, "must fit 64 bits"),
-            ("max_new_tokens", self.max_new_tokens in (None, -1) or self.max_new_tokens >= 1,
-             "must be >= 1, or -1/None for up to the context limit"),
-        ]
-        for name, ok, why in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} {why}")
+        for name in SAMPLING_RULES:
+            value = getattr(self, name)
+            if value is not None and (why := sampling_problem(name, value)):
+                raise ValueError(f"{name}={value!r} {why}")
 
     @classmethod
     def make(cls, params=None, **overrides):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .LMConfig import LMConfig
 
 OUTTYPES = ("f32", "f16", "q8_0")

@@ -292,12 +292,41 @@ class Transformer(PreTrainedModel, GenerationMixin):
         return MiniMindOutput(loss=loss, logits=logits, cache=cache, aux_loss=aux_loss, last_hidden_state=h)
 
 
+# ----------------------------------------------------------------------------- losses and sequence scores
+
+IGNORE = -100  # the label of a position that is not a target (cross_entropy's ignore_index)
+
+
+def next_token_targets(labels):
+    """The target of each position t is labels[t + 1]: (B, T-1). Padding (id 0) is never a target, whatever the
+    labels say; positions labelled IGNORE are not targets either. The one statement of that rule."""
+    targets = labels[:, 1:]
+    return targets.masked_fill(targets == 0, IGNORE)
+
+
 def causal_lm_loss(logits, labels):
-    """Mean next-token cross-entropy; positions labelled -100 or padding (id 0) are not targets."""
+    """Mean next-token cross-entropy over the targets of next_token_targets."""
     # shift the labels rather than the logits: no copy of the (B, T, vocab) logits
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    targets = targets.masked_fill(targets == 0, -100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+    targets = F.pad(next_token_targets(labels), (0, 1), value=IGNORE)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE)
+
+
+def sequence_logps(model, input_ids, labels, autocast):
+    """Sum of log-probabilities of the target tokens of each sequence (DPO's scores, and the demo's)."""
+    with autocast:
+        logits = model(input_ids=input_ids).logits
+    targets = next_token_targets(labels)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    mask = targets != IGNORE
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def pad_cat(a, b, value=0):
+    """Stack two right-padded batches into one, padding the shorter to the longer length."""
+    width = max(a.shape[1], b.shape[1])
+    return torch.cat([F.pad(a, (0, width - a.shape[1]), value=value),
+                      F.pad(b, (0, width - b.shape[1]), value=value)])
 
 
 MiniMindForCausalLM = Transformer

@@ -7,6 +7,8 @@ import os
 import random
 import re
 
+from .files import atomic_open
+
 # Full-width digits and Latin letters (１９９８, ＡＢＣ) as the 1998 news corpus writes them; modern text
 # uses ASCII for these, so they are mapped. Full-width punctuation (，。！？：；（）) is kept: it is normal Chinese.
 _FULLWIDTH_ALNUM = {c: c - 0xFEE0 for r in ((0xFF10, 0xFF19), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A))
@@ -124,11 +126,8 @@ def make_corpus(out_path, seed=0, word_lines=20000, english_chars=1_500_000, cod
             n, chars = n + 1, chars + len(text)
         stats[name] = (n, chars)
     rng.shuffle(rows)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(out_path) as f:
         for text, name in rows:
             f.write(json.dumps({"text": text, "source": name}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_path)
     versions = {p: package_version(p) for p in ("snownlp", "jieba", "torch")}
     return stats, versions

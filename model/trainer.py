@@ -1,13 +1,11 @@
-"""The one training engine behind every stage script: flags, device/dtype/distributed set-up, the data order,
+"""The one training engine behind every stage script: device/dtype/distributed set-up, the data order,
 gradient accumulation, the LR schedule, logging, and checkpoints that resume exactly where training stopped."""
-import argparse
 import json
 import math
 import os
 import pickle
 import random
 import signal
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -17,75 +15,29 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, atomic_write, first_line, load_tensors, save_weights, DEFAULT_TOKENIZER
+from .checkpoint import STAGE_SCRIPTS, CheckpointError, load_tensors, save_weights, weights_name
+from .files import atomic_write, first_line
+from .model import IGNORE, next_token_targets
 
 
 class TrainError(Exception):
     """A user-facing problem (bad flag, missing file, shape mismatch): printed as one line, no traceback."""
 
 
-# ----------------------------------------------------------------------------- flags
-
-def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=512, dtype="auto",
-                 accumulation_steps=1, warmup_iters=0, save_interval=100, log_interval=10):
-    """The seed's training flags plus model shape, --max_steps, --resume, --deepspeed and --init."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--out_dir", default="out", help="where weights, training state and logs go")
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--batch_size", type=int, default=batch_size, help="samples per process per micro-batch")
-    p.add_argument("--learning_rate", type=float, default=lr, help="peak LR; cosine decay to a tenth of it")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=dtype, choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast precision (weights stay fp32; GradScaler only for float16); auto: bfloat16 on "
-                   "GPUs and on CPUs with bf16 matrix units (AMX/AVX512-BF16), float32 elsewhere")
-    p.add_argument("--use_wandb", action="store_true")
-    p.add_argument("--wandb_project", default="MiniMind")
-    p.add_argument("--num_workers", type=int, default=0, help="kept for the seed's commands; samples are read in "
-                   "the training process, which outruns training many times over (bench/bench_data.py)")
-    p.add_argument("--data_path", default=data_path)
-    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
-    p.add_argument("--ddp", action="store_true", help="kept for the seed's commands; distributed mode is "
-                   "detected from the torchrun/deepspeed environment")
-    p.add_argument("--accumulation_steps", type=int, default=accumulation_steps)
-    p.add_argument("--grad_clip", type=float, default=1.0)
-    p.add_argument("--warmup_iters", type=int, default=warmup_iters)
-    p.add_argument("--log_interval", type=int, default=log_interval)
-    p.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between saves")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by launchers")
-    p.add_argument("--dim", type=int, default=None, help="model width (default 512, or the --init checkpoint's)")
-    p.add_argument("--n_layers", type=int, default=None, help="layers (default 8, or the --init checkpoint's)")
-    p.add_argument("--n_heads", type=int, default=None)
-    p.add_argument("--n_kv_heads", type=int, default=None)
-    p.add_argument("--use_moe", action="store_true", default=None)
-    p.add_argument("--vocab_size", type=int, default=None,
-                   help="embedding rows (default 6400, or the --init checkpoint's); at least the tokenizer's size")
-    p.add_argument("--max_seq_len", type=int, default=max_seq_len, help="samples are truncated to this many tokens")
-    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
-    p.add_argument("--resume", action="store_true", help="continue from the latest good state in --out_dir; "
-                   "stops if the states there cannot be read or only the weights exist (see --fresh)")
-    p.add_argument("--fresh", action="store_true", help="start from the beginning even with --resume, replacing "
-                   "the weights and states of an earlier run in --out_dir (the default without --resume)")
-    p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config file, or a ZeRO stage number")
-    p.add_argument("--seed", type=int, default=1337)
-    return p
-
+# ----------------------------------------------------------------------------- the model and data of a stage
 
 def shape_overrides(args):
     return {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "use_moe", "vocab_size")
             if getattr(args, k, None) is not None}
 
 
-def weights_name(prefix, config):
-    """The seed's file names: pretrain_512.pth, full_sft_512_moe.pth, rl_512.pth, ..."""
-    return f"{prefix}_{config.dim}{'_moe' if config.use_moe else ''}.pth"
-
-
-def init_model(args, init, made_by):
-    """The starting model of a stage: the --init checkpoint, whose shape the shape flags must agree with."""
+def init_model(args, prefix):
+    """The starting model of a stage: --init, else the `prefix` stage's weights in --out_dir for the requested
+    shape (dim 512, dense, by default). The shape flags must agree with it."""
     from .checkpoint import load_model
-    path = Path(init)
+    path = Path(args.init or Path(args.out_dir) / weights_name(prefix, args))
     if not path.exists():
-        raise TrainError(f"--init checkpoint {path} not found; it is made by `{made_by}` "
+        raise TrainError(f"--init checkpoint {path} not found; it is made by `python {STAGE_SCRIPTS[prefix]}` "
                          "(or pass --init with another checkpoint)")
     model = load_model(path)
     for field, wanted in shape_overrides(args).items():
@@ -124,12 +76,6 @@ def new_model(args, **defaults):
         raise TrainError(str(e)) from None
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every launcher
     return Transformer(config)
-
-
-def default_init(args, prefix):
-    """The previous stage's file in --out_dir for the requested shape (dim 512, dense, by default)."""
-    dim = args.dim or 512
-    return str(Path(args.out_dir) / f"{prefix}_{dim}{'_moe' if args.use_moe else ''}.pth")
 
 
 def require_data(path, how):
@@ -232,28 +178,15 @@ def token_loss(model, batch, autocast):
     """Summed next-token cross-entropy over target tokens, with the count it is summed over."""
     with autocast:
         out = model(input_ids=batch["input_ids"])
-    logits, labels = out.logits, batch["labels"]
-    targets = labels[:, 1:].masked_fill(labels[:, 1:] == 0, -100)
+    logits, targets = out.logits, next_token_targets(batch["labels"])
     loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                               ignore_index=-100, reduction="sum")
+                               ignore_index=IGNORE, reduction="sum")
     aux = getattr(out, "aux_loss", None)
     return loss_sum, aux, {}
 
 
 def token_count(batch):
-    labels = batch["labels"][:, 1:]
-    return int(((labels != -100) & (labels != 0)).sum())
-
-
-def sequence_logps(model, input_ids, labels, autocast):
-    """Sum of log-probabilities of the target tokens of each sequence."""
-    with autocast:
-        logits = model(input_ids=input_ids).logits
-    targets = labels[:, 1:].masked_fill(labels[:, 1:] == 0, -100)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    mask = targets != -100
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
+    return int((next_token_targets(batch["labels"]) != IGNORE).sum())
 
 
 # ----------------------------------------------------------------------------- training state
@@ -685,27 +618,6 @@ def plot_metrics(metrics_path, png_path, title):
     plt.close(fig)
 
 
-def run(main):
-    """Run a stage's main(); user errors become one line on stderr and exit code 2."""
-    user_errors = (TrainError, CheckpointError)
-    try:
-        from .dataset import DataError
-        user_errors += (DataError,)
-    except ImportError:
-        pass
-    try:
-        main()
-    except user_errors as e:
-        print(f"error: {first_line(e, 1000)}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # a file or folder the run needs cannot be read or written: the OS says which
-        print(f"error: {first_line(e, 1000)}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def load_tokenizer(args, model):
     """The --tokenizer folder, checked to fit the model's embedding table."""
     from .checkpoint import load_tokenizer_dir
@@ -718,9 +630,3 @@ def load_tokenizer(args, model):
                          f"{model.config.vocab_size}; pass --vocab_size {len(tokenizer)} (or more) for a new model")
     return tokenizer
 
-
-def pad_cat(a, b, value=0):
-    """Stack two right-padded batches into one, padding the shorter to the longer length."""
-    width = max(a.shape[1], b.shape[1])
-    return torch.cat([F.pad(a, (0, width - a.shape[1]), value=value),
-                      F.pad(b, (0, width - b.shape[1]), value=value)])

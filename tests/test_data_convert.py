@@ -5,15 +5,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import data_process
 from model import convert as cv
+from model.files import temp_path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def leftovers(folder):
+    """Temporary files a writer left behind (model/files.py names them .NAME.PID.tmp)."""
+    return [p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp")]
 
 ZH_Q = "请介绍一下中国古代的四大发明是什么"  # 17 CJK characters, no punctuation: passes the seed's ratio rule
 ZH_A = "造纸术指南针火药和印刷术"
@@ -101,7 +106,7 @@ def test_bad_input_stops_with_file_and_line(tmp_path, capsys, bad, problem):
     assert err.strip() == err.strip().splitlines()[0], "exactly one line"
     assert err.startswith(f"error: {src}:4: ") and problem in err
     assert "Traceback" not in err
-    assert not out.exists() and not Path(f"{out}.tmp").exists()
+    assert not out.exists() and not leftovers(tmp_path)
 
 
 def test_skip_bad_goes_on_and_lists_line_numbers(tmp_path, capsys):
@@ -294,22 +299,35 @@ def test_interrupt_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cv.convert(src, str(out), explode, progress=False)
     assert out.read_text() == "old complete output\n", "the previous output is untouched"
-    assert not Path(f"{out}.tmp").exists()
+    assert not leftovers(tmp_path)
+
+
+# data_process.py that SIGKILLs itself while converting record KILL_AT: killed mid-write at a chosen record
+KILLED_AT_RECORD = """
+import os, runpy, signal, sys
+from model import convert
+real_record, seen = convert.pretrain_record, [0]
+def record(obj, **kw):
+    seen[0] += 1
+    if seen[0] == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_record(obj, **kw)
+convert.pretrain_record = record
+sys.argv = ["data_process.py", *sys.argv[1:]]
+runpy.run_path("data_process.py", run_name="__main__")
+"""
 
 
 def test_killed_converter_leaves_no_complete_looking_file(tmp_path):
     line = jl({"text": "一篇用来测试中断的文档。" * 10}) + "\n"
     src = tmp_path / "big.jsonl"
-    with open(src, "w", encoding="utf-8") as f:
-        f.write(line * 400_000)  # ~90 MB: several seconds of work
+    src.write_text(line * 4000, encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    p = subprocess.Popen([sys.executable, str(ROOT / "data_process.py"), "pretrain", "--input", str(src),
-                          "--output", str(out), "--quiet"], cwd=ROOT)
-    tmp = Path(f"{out}.tmp")
-    deadline = time.time() + 60
-    while time.time() < deadline and not (tmp.exists() and tmp.stat().st_size > 1 << 20):
-        time.sleep(0.05)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    assert tmp.exists(), "the converter was still writing when killed"
+    p = subprocess.Popen([sys.executable, "-c", KILLED_AT_RECORD, "pretrain", "--input", str(src), "--output",
+                          str(out), "--quiet"], cwd=ROOT, env={**os.environ, "KILL_AT": "3000"}, stderr=subprocess.PIPE,
+                         text=True)
+    _, err = p.communicate()
+    assert p.returncode == -signal.SIGKILL, err
+    tmp = temp_path(out, pid=p.pid)
+    assert tmp.stat().st_size > 1 << 19, "the converter was killed while writing"  # 2999 records, ~1 MB
     assert not out.exists()

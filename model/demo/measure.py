@@ -174,7 +174,7 @@ def style_rate(model, tokenizer, rows, manifest):
 def pair_logps(model, tokenizer, path, max_length=256):
     """Per pair of a DPO file: summed log-probability and token count of the chosen and the rejected answer."""
     from ..dataset import DPODataset, collate_pad
-    from ..trainer import pad_cat, sequence_logps
+    from ..model import IGNORE, next_token_targets, pad_cat, sequence_logps
     from contextlib import nullcontext
     dataset = DPODataset(path, tokenizer, max_length=max_length)
     sums, counts = [], []
@@ -184,7 +184,7 @@ def pair_logps(model, tokenizer, path, max_length=256):
             labels = pad_cat(b["chosen_labels"], b["rejected_labels"], value=-100)
             sums.append(sequence_logps(model, pad_cat(b["chosen_input_ids"], b["rejected_input_ids"]), labels,
                                        nullcontext()).view(2, -1))
-            counts.append(((labels[:, 1:] != -100) & (labels[:, 1:] != 0)).sum(-1).view(2, -1))
+            counts.append((next_token_targets(labels) != IGNORE).sum(-1).view(2, -1))
     return torch.cat(sums, dim=1), torch.cat(counts, dim=1)
 
 

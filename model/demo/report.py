@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from . import measure as M
-from ..checkpoint import atomic_write, load_model
+from ..checkpoint import load_model
+from ..files import atomic_write
 
 # (stage, key, target, how it must beat its baseline): "baseline" is a key of the same stage, None for none
 TARGETS = [

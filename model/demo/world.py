@@ -8,8 +8,8 @@ import os
 import random
 from pathlib import Path
 
-from ..checkpoint import atomic_write
 from ..dataset import format_mcq
+from ..files import atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary. Made-up names are built from syllables whose characters appear nowhere else in the

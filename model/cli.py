@@ -1,0 +1,167 @@
+"""The command line every script shares: the flags for model path, shape, device, tokenizer and sampling (with
+their defaults and valid ranges), the training flags, loading a model or exiting with one line, and running a
+main() so that a user's mistake is one line on stderr instead of a traceback."""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DEFAULT_TOKENIZER, STAGE_SCRIPTS, CheckpointError, load_model_and_tokenizer
+from .files import first_line
+from .generate import SAMPLING_RULES, SamplingParams
+
+# ----------------------------------------------------------------------------- flag helpers
+
+
+def checked(kind, ok, what):
+    """An argparse type that also rejects out-of-range values with a message saying the valid range."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {what}")
+        return value
+    return parse
+
+
+def add_device_arg(p):
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_tokenizer_arg(p):
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer folder (default: the shipped one)")
+
+
+SHAPE_FLAGS = {  # name: (type, help); None as default everywhere: "from the checkpoint, or the preset"
+    "dim": (int, "model width"), "n_layers": (int, "layers"), "n_heads": (int, "query heads"),
+    "n_kv_heads": (int, "key/value heads"), "use_moe": (bool, "a mixture-of-experts model"),
+    "vocab_size": (int, "embedding rows (at least the tokenizer's size)"),
+}
+
+
+def add_shape_args(p, names, where):
+    """Shape flags; each left out is taken from `where` (e.g. the checkpoint)."""
+    for name in names:
+        kind, help_ = SHAPE_FLAGS[name]
+        if kind is bool:
+            p.add_argument(f"--{name}", action="store_true", default=None, help=f"{help_} (default: {where})")
+        else:
+            p.add_argument(f"--{name}", type=kind, default=None, help=f"{help_} (default: {where})")
+
+
+def add_model_args(parser, default_model=None):
+    """The flags every inference script shares: which weights, which tokenizer, and shape hints for v1 files."""
+    parser.add_argument("--model", default=default_model, required=default_model is None,
+                        help="our .pth (shape from its .json sidecar), a published v1 .pth, or an exported folder")
+    add_tokenizer_arg(parser)
+    add_shape_args(parser, ("dim", "n_layers", "use_moe"), "inferred; only needed for a v1 .pth without sidecar")
+    add_device_arg(parser)
+    return parser
+
+
+def sampling_type(name, kind):
+    """The argparse type of a sampling flag: the rule model.generate.SAMPLING_RULES states for it."""
+    ok, rule = SAMPLING_RULES[name]
+    return checked(kind, ok, rule)
+
+
+def add_sampling_args(p, max_new_tokens=256):
+    d = SamplingParams()
+    p.add_argument("--temperature", type=sampling_type("temperature", float), default=d.temperature,
+                   help="0 means greedy (default: %(default)s)")
+    p.add_argument("--top_p", type=sampling_type("top_p", float), default=d.top_p,
+                   help="nucleus sampling mass, 1 disables (default: %(default)s)")
+    p.add_argument("--top_k", type=sampling_type("top_k", int), default=d.top_k,
+                   help="keep the k most likely tokens (0 disables)")
+    p.add_argument("--repetition_penalty", type=sampling_type("repetition_penalty", float),
+                   default=d.repetition_penalty, help="1 disables")
+    p.add_argument("--max_new_tokens", type=sampling_type("max_new_tokens", int), default=max_new_tokens,
+                   help="-1: up to the context limit")
+    p.add_argument("--seed", type=sampling_type("seed", int), default=42,
+                   help="sampling seed of every reply (the same prompt gives the same answer)")
+    return p
+
+
+def sampling_kwargs(args):
+    """The sampling flags as keyword arguments of model.generate.Engine.stream."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=512, dtype="auto",
+                 accumulation_steps=1, warmup_iters=0, save_interval=100, log_interval=10):
+    """The seed's training flags plus model shape, --max_steps, --resume, --deepspeed and --init."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out_dir", default="out", help="where weights, training state and logs go")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch_size", type=int, default=batch_size, help="samples per process per micro-batch")
+    p.add_argument("--learning_rate", type=float, default=lr, help="peak LR; cosine decay to a tenth of it")
+    add_device_arg(p)
+    p.add_argument("--dtype", default=dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast precision (weights stay fp32; GradScaler only for float16); auto: bfloat16 on "
+                   "GPUs and on CPUs with bf16 matrix units (AMX/AVX512-BF16), float32 elsewhere")
+    p.add_argument("--use_wandb", action="store_true")
+    p.add_argument("--wandb_project", default="MiniMind")
+    p.add_argument("--num_workers", type=int, default=0, help="kept for the seed's commands; samples are read in "
+                   "the training process, which outruns training many times over (bench/bench_data.py)")
+    p.add_argument("--data_path", default=data_path)
+    add_tokenizer_arg(p)
+    p.add_argument("--ddp", action="store_true", help="kept for the seed's commands; distributed mode is "
+                   "detected from the torchrun/deepspeed environment")
+    p.add_argument("--accumulation_steps", type=int, default=accumulation_steps)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--warmup_iters", type=int, default=warmup_iters)
+    p.add_argument("--log_interval", type=int, default=log_interval)
+    p.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between saves")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by launchers")
+    add_shape_args(p, SHAPE_FLAGS, "the --init checkpoint's; a new model: 512 wide, 8 layers, 6400 tokens")
+    p.add_argument("--max_seq_len", type=int, default=max_seq_len, help="samples are truncated to this many tokens")
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    p.add_argument("--resume", action="store_true", help="continue from the latest good state in --out_dir; "
+                   "stops if the states there cannot be read or only the weights exist (see --fresh)")
+    p.add_argument("--fresh", action="store_true", help="start from the beginning even with --resume, replacing "
+                   "the weights and states of an earlier run in --out_dir (the default without --resume)")
+    p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config file, or a ZeRO stage number")
+    p.add_argument("--seed", type=int, default=1337)
+    return p
+
+
+# ----------------------------------------------------------------------------- loading and running
+
+
+def stage_hint(path) -> str:
+    """Which numbered script writes a checkpoint of this name (out/full_sft_512.pth -> python 3-full_sft.py)."""
+    name = Path(path).name
+    for prefix, script in STAGE_SCRIPTS.items():
+        if name.startswith(prefix):
+            return f"train it with `python {script}`"
+    return "train one with the numbered stage scripts"
+
+
+def load_or_exit(args):
+    """Model and tokenizer from the add_model_args flags, or exit with one line naming what is missing."""
+    if not Path(args.model).exists():
+        sys.exit(f"error: model {args.model} not found; {stage_hint(args.model)} (or pass --model PATH)")
+    if not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        sys.exit(f"error: tokenizer folder {args.tokenizer} has no tokenizer.json; build it with "
+                 f"`python train_tokenizer.py` (or pass --tokenizer DIR)")
+    try:
+        return load_model_and_tokenizer(args)
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run(main):
+    """Run a stage's main(); user errors (and files the OS cannot read or write) become one line on stderr and
+    exit code 2."""
+    from .convert import DataError
+    from .trainer import TrainError
+    import torch.distributed as dist
+    try:
+        main()
+    except (TrainError, CheckpointError, DataError, OSError) as e:
+        print(f"error: {first_line(e, 1000)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
