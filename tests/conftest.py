@@ -14,3 +14,9 @@ import torch  # noqa: E402
 
 # the unit tests use tiny shapes: one thread avoids thread wake-ups that cost more than the maths
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    # `pytest -m "not slow"` is the quick loop (under two minutes on two cores); CI runs everything
+    config.addinivalue_line("markers", "slow: real launchers, server processes, the browser, benchmarks and the "
+                            "end-to-end demo (minutes)")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # the whole default demo: about ten minutes
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def load_script(name):
     return module
 
 
-def run_script(args, timeout=180, **env):
+def run_script(args, timeout=1800, **env):
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
 
@@ -229,6 +229,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
+@pytest.mark.slow  # export, then a fresh interpreter loads it as a user would
 def test_export_transformers_round_trip(tmp_path, dense_pth, tokenizer, tokenizer_dir):
     export_model = load_script("export_model.py")
     moe_path = tmp_path / "full_sft_64_moe.pth"
@@ -333,6 +334,7 @@ def answers(stdout):
     return [line for line in stdout.splitlines() if line.startswith("A: ")]
 
 
+@pytest.mark.slow  # the script as a process
 def test_chat_script_answers_every_demo_question(dense_pth, tokenizer, tokenizer_dir):
     proc = run_script(["2-eval.py", "--model", dense_pth[0], "--tokenizer", tokenizer_dir, "--max_new_tokens", 8,
                        "--temperature", 0, "--device", "cpu"])
@@ -348,6 +350,7 @@ def test_chat_script_answers_every_demo_question(dense_pth, tokenizer, tokenizer
     assert first == tokenizer.decode(greedy, skip_special_tokens=True)
 
 
+@pytest.mark.slow  # the script as a process
 def test_pretrain_script_continues_prompts_from_file(tmp_path, dense_pth, tokenizer_dir):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("长江是\n\nThe river\n", encoding="utf-8")

@@ -19,7 +19,10 @@ from hypothesis import strategies as st
 
 from model.generate import penalized_logits, sample_token, sampling_probs
 from my_openai_api import APIError, parse_request
-from test_serving import engine, paths, questions, solo, start_server, tokenizer, wait_healthy  # noqa: F401
+from serving_helpers import (HANG_GUARD_S, engine, paths, questions, solo, start_server,  # noqa: F401
+                             tokenizer, wait_healthy, wait_until)
+
+pytestmark = pytest.mark.slow  # live server processes and hundreds of examples
 
 TRIED = Counter()  # what the properties met, printed at the end of the module
 
@@ -123,7 +126,7 @@ def check_response(r, stream):
 @given(body=VALID_BODY | BROKEN_BODY | JSON)
 def test_any_json_body_gets_an_answer_or_an_openai_error(fuzz_url, body):
     raw = json.dumps(body).encode()  # ASCII with \u escapes: lone surrogates and NaN/Infinity reach the server
-    with httpx.Client(base_url=fuzz_url, timeout=120) as client:
+    with httpx.Client(base_url=fuzz_url, timeout=HANG_GUARD_S) as client:
         r = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
     TRIED["bodies"] += 1
     check_response(r, isinstance(body, dict) and body.get("stream") is True)
@@ -135,7 +138,7 @@ def test_any_json_body_gets_an_answer_or_an_openai_error(fuzz_url, body):
     b'{"messages": [{"role": "user", "content": "\\ud800"}]}']))
 def test_any_bytes_get_an_answer_or_an_openai_error(fuzz_url, raw):
     r = httpx.post(fuzz_url + "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"},
-                   timeout=120)
+                   timeout=HANG_GUARD_S)
     TRIED["raw bodies"] += 1
     check_response(r, False)
 
@@ -191,7 +194,7 @@ def test_the_live_server_keeps_to_its_openapi_schema(fuzz_url, mode):
         @given(case=op.as_strategy(generation_mode=mode))
         def check(case):
             TRIED[f"schemathesis {mode.value} {op.method.upper()} {op.path}"] += 1
-            case.call_and_validate(timeout=120)
+            case.call_and_validate(timeout=HANG_GUARD_S)
 
         check()
 
@@ -235,7 +238,7 @@ def test_64_streams_and_20_disconnects_leave_no_error_and_no_stuck_slot(load_url
 
     async def run():
         limits = httpx.Limits(max_connections=128, max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=HANG_GUARD_S, limits=limits) as client:
             return await asyncio.gather(*[stream(client, p) for p in prompts],
                                         *[stream(client, prompts[i], leave_after=3) for i in range(20)])
 
@@ -243,13 +246,11 @@ def test_64_streams_and_20_disconnects_leave_no_error_and_no_stuck_slot(load_url
     results = asyncio.run(run())
     served = time.perf_counter() - started
     assert results[:64] == alone  # every greedy answer equals its lone answer
-    with httpx.Client(base_url=url, timeout=30) as client:
-        deadline = time.monotonic() + 120
-        while True:  # the leavers' slots are freed once the server notices they left
-            health = client.get("/health").json()
-            if health["active"] == 0 and health["waiting"] == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+    with httpx.Client(base_url=url, timeout=None) as client:
+        def settled():  # the leavers' slots are freed once the server notices they left
+            h = client.get("/health").json()
+            return h["active"] == 0 and h["waiting"] == 0 and h
+        health = wait_until(settled, "every slot is free")
     assert health["active"] == 0 and health["waiting"] == 0, health
     assert health["failed"] == before["failed"]
     assert health["cancelled"] - before["cancelled"] == 20  # each leaver was cancelled, none ran to the end

@@ -12,7 +12,8 @@ from model.checkpoint import load_model, save_weights
 from model.gguf_export import (agreement, llama_greedy, llama_logits, llama_tokenize, open_llama, read_gguf,
                                tensor_plan)
 from test_eval_export import load_script, tiny_model
-from test_serving import paths, servers, tokenizer, url  # noqa: F401  (fixtures: the tiny chat model, our server)
+from serving_helpers import HANG_GUARD_S, paths, tokenizer  # noqa: F401  (fixtures: the tiny chat model)
+from test_api import servers, url  # noqa: F401  (fixtures: our server)
 
 TEXTS = {
     "chinese": "长江是中国第一长河，全长约6300公里，流经青藏高原、四川盆地和长江中下游平原。",
@@ -154,8 +155,9 @@ def test_f16_and_q8_0_agree_mostly(ggufs, model, prompts):
 # chat answers: llama.cpp's create_chat_completion against our OpenAI-compatible server
 
 
+@pytest.mark.slow  # our server's process
 def test_chat_answers_equal_our_server(ggufs, url):
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=HANG_GUARD_S)
     llm = open_llama(ggufs["f32"], n_ctx=512, all_logits=False)
     questions = load_script("2-eval.py").DEMO_QUESTIONS + [q for q, _ in tiny.CONVERSATIONS]
     same = 0

@@ -21,7 +21,7 @@ from model import generate
 from model.checkpoint import load_model, load_tensors, save_weights
 from model.generate import Engine, SamplingParams, Scheduler, sampling_probs, sample_token
 from my_openai_api import create_app
-from test_serving import HELLO, paths, tokenizer  # noqa: F401  (the tiny model's fixtures)
+from serving_helpers import HANG_GUARD_S, HELLO, paths, tokenizer, wait_until  # noqa: F401  (the tiny model)
 from test_user_errors import Payload
 
 
@@ -77,7 +77,7 @@ def run_together(sched, prompts, params):
     with sched.cond:  # held: the scheduler thread cannot pick up the first before the last is queued
         reqs = [sched.submit(p, q, lambda d, f, e=e: f and e.set()) for p, q, e in zip(prompts, params, done)]
     for e in done:
-        assert e.wait(120), "a request never finished"
+        assert e.wait(HANG_GUARD_S), "a request never finished"
     return reqs
 
 
@@ -151,15 +151,13 @@ class LiveServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), "the server starts")
+        assert self.server.started, "the server did not start"
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self):
         self.server.should_exit = True
-        self.thread.join(30)
+        self.thread.join(HANG_GUARD_S)
         self.scheduler.close()
 
 
@@ -184,7 +182,7 @@ def test_health_answers_while_a_maximal_request_is_tokenized(live, monkeypatch):
     def slow_encode(prompt):  # holds the big request inside its tokenization until /health has answered
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict) and len(prompt[0]["content"]) > 1000:
             tokenizing.set()
-            assert release.wait(60)
+            assert release.wait(HANG_GUARD_S)
         return real_encode(prompt)
 
     monkeypatch.setattr(engine, "encode", slow_encode)
@@ -196,25 +194,26 @@ def test_health_answers_while_a_maximal_request_is_tokenized(live, monkeypatch):
     assert limit - 3 < len(raw) <= limit  # as large as the server takes
     result = {}
     big = threading.Thread(target=lambda: result.update(r=httpx.post(
-        server.url + "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"}, timeout=120)))
-    probe = httpx.Client(base_url=server.url, timeout=30)
+        server.url + "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"},
+        timeout=HANG_GUARD_S)))
+    probe = httpx.Client(base_url=server.url, timeout=HANG_GUARD_S)
     assert probe.get("/health").status_code == 200  # connection made before: the timing below is the answer's
     big.start()
-    assert tokenizing.wait(60)
+    assert tokenizing.wait(HANG_GUARD_S)
     started = time.perf_counter()
     health = probe.get("/health")  # the loop is free: it answers while the request's tokenization waits
     latency = time.perf_counter() - started
     still_tokenizing = not release.is_set()
     release.set()
-    big.join(120)
+    big.join(HANG_GUARD_S)
     assert health.status_code == 200 and still_tokenizing
     assert result["r"].status_code == 200, result["r"].text
     print(f"/health answered in {latency * 1000:.1f} ms while a {len(raw)}-byte request was being tokenized")
 
     too_big = httpx.post(server.url + "/v1/chat/completions", content=raw + b" ",
-                         headers={"Content-Type": "application/json"}, timeout=60)
+                         headers={"Content-Type": "application/json"}, timeout=HANG_GUARD_S)
     chunked = httpx.post(server.url + "/v1/chat/completions", content=iter([raw, b" "]),  # no Content-Length
-                         headers={"Content-Type": "application/json"}, timeout=60)
+                         headers={"Content-Type": "application/json"}, timeout=HANG_GUARD_S)
     for r in (too_big, chunked):
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
@@ -261,10 +260,10 @@ def test_an_injected_failure_over_http_fails_one_stream_alone(live, monkeypatch)
         if p.seed == 666:
             failed_beside.append(len(engine.active) - 1)
             raise RuntimeError("injected sampling failure")
-        assert streams_queued.wait(60)  # no stream gets ahead before all four are queued (admitted next step)
+        assert streams_queued.wait(HANG_GUARD_S)  # no stream gets ahead before all four are queued
         if len(engine.active) == 4 and not bad_queued.is_set():  # then hold them until the bad one is queued
             all_streaming.set()
-            assert bad_queued.wait(60)
+            assert bad_queued.wait(HANG_GUARD_S)
         return real_sample(logits, p, generator, mask)
 
     def submit(prompt, params=None, on_event=None):  # runs on the server's event loop
@@ -282,7 +281,7 @@ def test_an_injected_failure_over_http_fails_one_stream_alone(live, monkeypatch)
 
     def stream(i):
         body = {"messages": prompts[i], "stream": True, "temperature": 0, "max_tokens": 20}
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=HANG_GUARD_S) as r:
             events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
         chunks = [json.loads(e) for e in events if e != "[DONE]"]
         results[i] = ("".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices")),
@@ -291,11 +290,11 @@ def test_an_injected_failure_over_http_fails_one_stream_alone(live, monkeypatch)
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    assert all_streaming.wait(60)
-    bad = httpx.post(server.url + "/v1/chat/completions", timeout=120,
+    assert all_streaming.wait(HANG_GUARD_S)
+    bad = httpx.post(server.url + "/v1/chat/completions", timeout=HANG_GUARD_S,
                      json={"messages": HELLO, "temperature": 1, "seed": 666, "max_tokens": 20})
     for t in threads:
-        t.join(120)
+        t.join(HANG_GUARD_S)
     assert failed_beside == [4], "the failing request was not decoded beside the four streams"
     assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
     assert [results[i] for i in range(4)] == [(a, "[DONE]") for a in alone]

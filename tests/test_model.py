@@ -534,7 +534,7 @@ def test_save_pretrained_loads_with_auto_class_offline_elsewhere(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env |= {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     run = subprocess.run([sys.executable, "load.py", str(tmp_path / "ids.pt"), *args], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     for name, want in zip(("dense", "moe"), expected):
         torch.testing.assert_close(torch.load(tmp_path / f"{name}.pt", weights_only=True), want, atol=0, rtol=0)

@@ -37,7 +37,7 @@ def greedy_answer(paths):
 
 def test_apptest_chat(paths, greedy_answer):
     from streamlit.testing.v1 import AppTest
-    at = AppTest.from_file(PAGE, default_timeout=120)
+    at = AppTest.from_file(PAGE, default_timeout=900)
     at.run()
     at.sidebar.text_input(key="model_path").set_value(str(paths[0]))
     at.sidebar.text_input(key="tokenizer_path").set_value(str(paths[1]))
@@ -64,7 +64,7 @@ def test_apptest_chat(paths, greedy_answer):
 
 def test_apptest_bad_model_path_is_reported():
     from streamlit.testing.v1 import AppTest
-    at = AppTest.from_file(PAGE, default_timeout=60)
+    at = AppTest.from_file(PAGE, default_timeout=900)
     at.run()
     at.sidebar.text_input(key="model_path").set_value("no/such/model.pth").run()
     assert at.error and "no/such/model.pth" in at.error[0].value
@@ -88,7 +88,7 @@ class DevTools:
         os.close(w)
         self._buffer, self._next_id, self.session = b"", 0, None
 
-    def call(self, method, params=None, timeout=60, **kw):
+    def call(self, method, params=None, timeout=900, **kw):
         self._next_id += 1
         message = {"id": self._next_id, "method": method, "params": params or {}, **kw}
         if self.session and "sessionId" not in kw:
@@ -112,7 +112,7 @@ class DevTools:
     def js(self, expression):
         return self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})["result"].get("value")
 
-    def wait_for(self, expression, timeout=90):
+    def wait_for(self, expression, timeout=900):
         deadline = time.time() + timeout
         while time.time() < deadline:
             value = self.js(expression)
@@ -143,13 +143,13 @@ def streamlit_page(paths):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 900  # a hang guard: the loop ends when the page answers
         while True:
             if proc.poll() is not None or time.time() > deadline:
                 log.seek(0)
                 pytest.fail(f"streamlit did not come up:\n{log.read()}")
             try:
-                if httpx.get(url + "/_stcore/health", timeout=2).text == "ok":
+                if httpx.get(url + "/_stcore/health", timeout=30).text == "ok":
                     break
             except httpx.HTTPError:
                 pass
@@ -163,6 +163,7 @@ def streamlit_page(paths):
             proc.kill()
 
 
+@pytest.mark.slow  # streamlit run and headless Chromium
 def test_chromium_screenshot_after_one_exchange(streamlit_page, tmp_path, greedy_answer):
     chromium = find_chromium()
     if chromium is None:
@@ -183,7 +184,7 @@ def test_chromium_screenshot_after_one_exchange(streamlit_page, tmp_path, greedy
                      {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
         browser.call("Page.navigate", {"url": streamlit_page})
         box = 'document.querySelector(\'[data-testid="stChatInputTextArea"]\')'
-        browser.wait_for(f"!!{box}", timeout=120)  # the page ran once and loaded the model
+        browser.wait_for(f"!!{box}", timeout=900)  # the page ran once and loaded the model
         browser.js(f"{box}.focus()")
         browser.call("Input.insertText", {"text": QUESTION})
         for kind in ("keyDown", "keyUp"):
@@ -191,11 +192,11 @@ def test_chromium_screenshot_after_one_exchange(streamlit_page, tmp_path, greedy
                                                     "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13,
                                                     **({"text": "\r"} if kind == "keyDown" else {})})
         messages = 'Array.from(document.querySelectorAll(\'[data-testid="stChatMessage"]\'))'
-        browser.wait_for(f"{messages}.length >= 2", timeout=120)
+        browser.wait_for(f"{messages}.length >= 2", timeout=900)
         expected = greedy_answer([{"role": "user", "content": QUESTION}])
         # finished: the answer is all there and the app's "running" indicator is gone
         browser.wait_for(f"{messages}[1].innerText.includes({json.dumps(expected[-8:])}) && "
-                         "!document.querySelector('[data-testid=\"stStatusWidget\"] button')", timeout=120)
+                         "!document.querySelector('[data-testid=\"stStatusWidget\"] button')", timeout=900)
         texts = browser.js(f"{messages}.map(m => m.innerText)")
         assert QUESTION in texts[0] and expected.strip() in texts[1].replace("\n", "")
         time.sleep(0.5)  # let the last paint land

@@ -69,7 +69,7 @@ def test_compresses_chinese_prose(tok):
 
 def run_script(*args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAYON_NUM_THREADS="2")
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=1800)
 
 
 def test_script_trains_a_loadable_tokenizer(tmp_path):

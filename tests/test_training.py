@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUF
        "WANDB_MODE": "offline"}
 
 
+pytestmark = pytest.mark.slow  # training processes under python, torchrun and deepspeed
 BIN = Path(sys.executable).parent  # the launchers installed beside this interpreter
 TORCHRUN, DEEPSPEED = str(BIN / "torchrun"), str(BIN / "deepspeed")
 
@@ -30,8 +30,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(cmd, timeout=400, check=True):
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def run(cmd, timeout=3600, check=True, env=ENV):
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-3000:]}")
@@ -101,7 +101,7 @@ def test_two_node_torchrun_on_localhost(demo, tmp_path):
              "--batch_size", "4", "--max_steps", "3"] for rank in (0, 1)]
     procs = [subprocess.Popen(c, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for c in cmds]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
+    outs = [p.communicate(timeout=3600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
     assert "2 process(es)" in outs[0]
     assert len(losses(tmp_path / "node0" / "pretrain_32.metrics.jsonl")) == 3
@@ -125,22 +125,33 @@ def test_deepspeed_zero2_pretrain_and_sft_match_single_process(demo, pretrained,
         assert abs(x - y) / abs(x) < 1e-4
 
 
-def test_kill9_then_resume_reproduces_the_uninterrupted_run(demo, pretrained, tmp_path):
-    args = [sys.executable, "1-pretrain.py", *TINY, *COMMON, "--data_path", str(demo / "pretrain.jsonl"),
+# runs a stage script that SIGKILLs itself when it is about to start optimizer step KILL_AT: a kill at a chosen
+# point of the run, whatever the speed of the machine
+KILLED_AT_STEP = """
+import os, runpy, signal, sys
+from model import trainer
+real_step = trainer.Trainer._train_step
+def train_step(self, order):
+    if self.step == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_step(self, order)
+trainer.Trainer._train_step = train_step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("seed", [14])
+def test_kill9_then_resume_reproduces_the_uninterrupted_run(demo, pretrained, tmp_path, seed):
+    args = ["1-pretrain.py", *TINY, *COMMON, "--data_path", str(demo / "pretrain.jsonl"),
             "--out_dir", str(tmp_path), "--batch_size", "8", "--max_steps", "8", "--learning_rate", "3e-3",
             "--save_interval", "3"]
     metrics = tmp_path / "pretrain_32.metrics.jsonl"
-    kill_after = random.Random().randint(4, 7)
-    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(metrics.read_text().splitlines())
-    assert done < 8, "the run finished before it could be killed"
+    kill_at = random.Random(seed).randint(4, 7)  # between saves or right after one (steps 3 and 6 save)
+    proc = run([sys.executable, "-c", KILLED_AT_STEP, *args], check=False, env={**ENV, "KILL_AT": str(kill_at)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert len(metrics.read_text().splitlines()) == kill_at
+    args = [sys.executable, *args]
     resumed = run(args + ["--resume"])
     assert "resume: continuing" in resumed.stdout
     assert losses(metrics) == losses(pretrained / "pretrain_32.metrics.jsonl")

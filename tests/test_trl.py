@@ -14,7 +14,7 @@ from model import trainer as T
 from model.checkpoint import load_model
 from model.dataset import DPODataset, SFTDataset, collate_pad, render_chat
 from test_eval_export import load_script
-from test_serving import paths, tokenizer  # noqa: F401  (fixtures: the tiny chat model and its tokenizer)
+from serving_helpers import paths, tokenizer  # noqa: F401  (fixtures: the tiny chat model and its tokenizer)
 
 # demo-like preference pairs: a polite correct answer against a rude one or a wrong fact; one multi-turn prompt
 PAIRS = [

@@ -234,6 +234,7 @@ def make_unwritable(folder):
     return undo
 
 
+@pytest.mark.slow  # a training process
 def test_folder_made_unwritable_mid_run_is_one_line_and_keeps_the_states(demo, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "1-pretrain.py", *TINY, *TRAIN, "--data_path", str(demo / "pretrain.jsonl"),
@@ -245,7 +246,7 @@ def test_folder_made_unwritable_mid_run_is_one_line_and_keeps_the_states(demo, t
     state_before = sha(out / "pretrain_32.state.pt")
     undo = make_unwritable(out)
     try:
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=1800)
     finally:
         undo()
     line = error_line((proc.returncode, stdout, stderr))
@@ -254,9 +255,10 @@ def test_folder_made_unwritable_mid_run_is_one_line_and_keeps_the_states(demo, t
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow  # a server process
 def test_server_process_with_a_corrupt_model_says_one_line(files):
     proc = subprocess.run([sys.executable, "my_openai_api.py", "--model", str(files["corrupt"]), "--device", "cpu"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
     assert str(files["corrupt"]) in error_line((proc.returncode, proc.stdout, proc.stderr))
 
 
