@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 import uuid
+from contextlib import aclosing
 from functools import partial
 from pathlib import Path
 
@@ -259,6 +260,93 @@ async def read_body(request, limit):
     return b"".join(chunks)
 
 
+async def generation(scheduler, req, queue, request):
+    """The one event stream of a request, which both response kinds consume: (text, None) for what was generated
+    since the last item (("", None) after a quiet half second), then (text, finish_reason). It ends without a
+    finish reason when the client has gone away; whenever it is left before the end (the client went away, the
+    response was cancelled, a consumer stopped) the request is cancelled and its slot freed."""
+    finish, last_check = None, time.monotonic()
+    try:
+        while finish is None:
+            try:
+                async with asyncio.timeout(0.5):  # no task per token, unlike wait_for
+                    delta, finish = await queue.get()
+            except TimeoutError:
+                delta = ""
+            pieces = [delta]
+            while finish is None and not queue.empty():  # coalesce what piled up while we were busy
+                delta, finish = queue.get_nowait()
+                pieces.append(delta)
+            if finish is None and time.monotonic() - last_check > 0.5:
+                last_check = time.monotonic()
+                if await request.is_disconnected():
+                    return
+            yield "".join(pieces), finish
+    finally:
+        if finish is None:
+            scheduler.cancel(req)
+
+
+class Reply:
+    """The OpenAI objects of one answer: chat.completion, its chat.completion.chunk events, usage."""
+
+    def __init__(self, model_name, req):
+        self.model, self.req = model_name, req
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def usage(self):
+        prompt, generated = len(self.req.prompt_ids), self.req.n_generated
+        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+    def completion(self, text, finish):
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": finish, "logprobs": None}],
+                "usage": self.usage()}
+
+    def chunk(self, delta, finish=None, with_usage=False):
+        data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [] if with_usage else [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                   "logprobs": None}]}
+        if with_usage:
+            data["usage"] = self.usage()
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def whole_answer(reply, events, headers):
+    """A non-streaming response: the events gathered into one chat.completion."""
+    pieces, finish = [], None
+    async with aclosing(events):
+        async for delta, finish in events:
+            pieces.append(delta)
+    if finish is None:
+        return JSONResponse({}, status_code=499)  # nobody is listening any more
+    if finish == "error":
+        raise APIError(500, "generation failed", type_="server_error")
+    return JSONResponse(reply.completion("".join(pieces), finish), headers=headers)
+
+
+async def sse(reply, events, include_usage):
+    """A streaming response: each event as a chunk, then the finish chunk, usage if asked, and [DONE]. (When the
+    client disconnects, the server cancels this generator, which closes the events and so the request.)"""
+    finish = None
+    async with aclosing(events):
+        yield reply.chunk({"role": "assistant", "content": ""})
+        async for delta, finish in events:
+            if finish == "error":
+                err = {"message": "generation failed", "type": "server_error", "param": None, "code": None}
+                yield f"data: {json.dumps({'error': err})}\n\n"
+                return
+            if delta:
+                yield reply.chunk({"content": delta})
+    if finish is None:
+        return  # the client has gone away
+    yield reply.chunk({}, finish)
+    if include_usage:
+        yield reply.chunk(None, with_usage=True)
+    yield "data: [DONE]\n\n"
+
+
 def create_app(scheduler, model_name, api_key=None, strict_context=False, strict_model_name=False,
                max_body_bytes=DEFAULT_MAX_BODY_BYTES):
     relays = {}  # one per event loop (tests start several)
@@ -341,99 +429,20 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
     async def chat_completions(request: Request):
         raw = await read_body(request, max_body_bytes)
         prompt_ids, params, stream, include_usage = await asyncio.to_thread(prepare, raw)
-
         loop = asyncio.get_running_loop()
         relay = relays.get(loop) or relays.setdefault(loop, EventRelay(loop))
-        events = asyncio.Queue()
-
-        def on_event(delta, finish):  # called on the scheduler thread
-            relay.put(events, (delta, finish))
-
-        req = scheduler.submit(prompt_ids, params, on_event)
+        queue = asyncio.Queue()
+        req = scheduler.submit(prompt_ids, params, lambda delta, finish: relay.put(queue, (delta, finish)))
         if req.truncated:
             log.warning("prompt of %d tokens cut from the left by %d to fit the context of %d",
                         len(prompt_ids), req.truncated, engine.max_len)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        reply = Reply(model_name, req)
+        events = generation(scheduler, req, queue, request)
         headers = {"X-Prompt-Tokens-Truncated": str(req.truncated)}
-
-        async def next_text():
-            """(text, finish_reason) of everything generated since the last call; ("", None) after a quiet
-            half second; None when the client has gone away."""
-            try:
-                async with asyncio.timeout(0.5):  # no task per token, unlike wait_for
-                    delta, finish = await events.get()
-            except TimeoutError:
-                delta, finish = "", None
-            pieces = [delta]
-            while finish is None and not events.empty():  # coalesce what piled up while we were busy
-                delta, finish = events.get_nowait()
-                pieces.append(delta)
-            nonlocal last_check
-            if finish is None and time.monotonic() - last_check > 0.5:
-                last_check = time.monotonic()
-                if await request.is_disconnected():
-                    return None
-            return "".join(pieces), finish
-
-        last_check = time.monotonic()
-
-        def usage():
-            return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": req.n_generated,
-                    "total_tokens": len(req.prompt_ids) + req.n_generated}
-
-        if not stream:
-            pieces, finish = [], None
-            try:
-                while finish is None:
-                    got = await next_text()
-                    if got is None:
-                        return JSONResponse({}, status_code=499)  # nobody is listening any more
-                    pieces.append(got[0])
-                    finish = got[1]
-            finally:
-                if finish is None:
-                    scheduler.cancel(req)
-            if finish == "error":
-                raise APIError(500, "generation failed", type_="server_error")
-            return JSONResponse({
-                "id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                             "finish_reason": finish, "logprobs": None}],
-                "usage": usage()}, headers=headers)
-
-        def chunk(delta, finish=None, with_usage=False):
-            data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [] if with_usage else [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                       "logprobs": None}]}
-            if with_usage:
-                data["usage"] = usage()
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-        async def sse():
-            finish = None
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while finish is None:
-                    got = await next_text()
-                    if got is None:
-                        return
-                    delta, finish = got
-                    if finish == "error":
-                        err = {"message": "generation failed", "type": "server_error", "param": None, "code": None}
-                        yield f"data: {json.dumps({'error': err})}\n\n"
-                        return
-                    if delta:
-                        yield chunk({"content": delta})
-                yield chunk({}, finish)
-                if include_usage:
-                    yield chunk(None, with_usage=True)
-                yield "data: [DONE]\n\n"
-            finally:  # also reached when the client disconnects and the response is cancelled
-                if finish is None:
-                    scheduler.cancel(req)
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if stream:
+            return StreamingResponse(sse(reply, events, include_usage), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await whole_answer(reply, events, headers)
 
     app.include_router(v1)
     return app
