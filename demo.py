@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+STAGES = ("data", "tokenizer", "pretrain", "sft", "sft_multi", "lora", "dpo", "ceval", "export")
 
 
 def parse_args(argv=None):
@@ -22,7 +23,7 @@ def parse_args(argv=None):
     p.add_argument("--n_entities", type=int, default=240, help="made-up entities in the demo world")
     p.add_argument("--rounds", type=int, default=30,
                    help="times the pretraining text states every fact, each time in fresh orders and lead-ins")
-    p.add_argument("--mcq_drills", type=int, default=2, help="multiple-choice drills per SFT fact")
+    p.add_argument("--mcq_drills", type=int, default=1, help="multiple-choice drills per SFT fact")
     p.add_argument("--vocab_size", type=int, default=2000, help="size of the tokenizer trained on the demo text")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--n_layers", type=int, default=4)
@@ -34,11 +35,13 @@ def parse_args(argv=None):
     p.add_argument("--pretrain_lr", type=float, default=3e-3)
     p.add_argument("--sft_epochs", type=int, default=4)
     p.add_argument("--sft_lr", type=float, default=1.5e-4, help="low, so SFT keeps what pretraining stored")
-    p.add_argument("--multi_lr", type=float, default=3e-4)
+    p.add_argument("--multi_lr", type=float, default=5e-5,
+                   help="lower still: the multi-turn chats are about SFT entities and would overwrite held-out facts")
     p.add_argument("--dpo_lr", type=float, default=3e-5)
     p.add_argument("--dtype", default="auto", help="autocast precision of every training stage (see 1-pretrain.py)")
     p.add_argument("--eval_limit", type=int, default=300, help="held-out rows sampled per measurement")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's epochs (a quick run: 0.3)")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage, without the report (e.g. a scaling sweep)")
     return p.parse_args(argv)
 
 
@@ -60,6 +63,7 @@ class Pipeline:
             info = json.loads(marker.read_text())
             if info.get("command") == " ".join(cmd):
                 print(f"[{self.elapsed()}] {name}: reused ({info['seconds']:.0f}s when it ran)", flush=True)
+                self.stop_if_last(name)
                 return info
         self.rerun = True
         marker.unlink(missing_ok=True)
@@ -73,7 +77,13 @@ class Pipeline:
             sys.exit(f"demo: stage {name} failed (exit {proc.returncode}); log {log}:\n{tail}")
         info = {"seconds": time.time() - start, "command": " ".join(cmd)}
         marker.write_text(json.dumps(info))
+        self.stop_if_last(name)
         return info
+
+    def stop_if_last(self, name):
+        if name == self.args.until:
+            print(f"[{self.elapsed()}] stopped after {name} (--until); checkpoints in {self.out}", flush=True)
+            sys.exit(0)
 
     def seconds(self):
         return {p.stem: round(json.loads(p.read_text())["seconds"], 1) for p in sorted(self.done_dir.glob("*.json"))}
@@ -127,7 +137,7 @@ def main():
                              "full_sft_multi", "--data_path", files["sft_multi"], "--epochs", ep(3),
                              "--batch_size", 8, "--learning_rate", args.multi_lr])
     sft = out / name("full_sft_multi")
-    pipe.stage("lora", ["4-lora_sft.py", *common, "--init", sft, "--data_path", files["lora"], "--epochs", ep(1),
+    pipe.stage("lora", ["4-lora_sft.py", *common, "--init", sft, "--data_path", files["lora"], "--epochs", ep(2),
                         "--batch_size", 16, "--learning_rate", 1e-2, "--merge"])
     pipe.stage("dpo", ["5-dpo_train.py", *common, "--init", sft, "--data_path", files["dpo"], "--epochs", ep(2),
                        "--batch_size", 16, "--learning_rate", args.dpo_lr, "--beta", 0.1])
@@ -142,8 +152,10 @@ def main():
              "lora": name("lora"), "dpo": name("rl")}
     metrics = {stage: Path(n).with_suffix(".metrics.jsonl").name for stage, n in names.items()}
     metrics["lora"] = Path(name("lora_sft")).with_suffix(".metrics.jsonl").name  # the adapter's training log
+    measuring = time.time()
     report = measure(args, out, files, manifest, tokenizer, names, metrics)
-    report["wall_seconds"] = round(time.time() - pipe.t0, 1)
+    # every stage's own run time (reused stages count what they took when they ran) plus the measurements
+    report["wall_seconds"] = round(sum(pipe.seconds().values()) + time.time() - measuring, 1)
     report["stage_seconds"] = pipe.seconds()
     report["cpu"] = cpu_kind()
     report["world"] = {"seed": args.seed, "n_entities": args.n_entities}

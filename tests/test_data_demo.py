@@ -142,14 +142,17 @@ def test_identity_only_in_the_lora_set(world):
 def test_english_share_and_style_noise(world):
     folder, m = world
     assert 0.2 <= m["english_share_of_pretrain"]["rows"] <= 1 / 3
-    answers = [msg["content"] for name in ("sft_single.jsonl", "sft_multi.jsonl") for r in rows(folder, name)
-               for msg in r["conversations"] if msg["role"] == "assistant" and msg["content"] not in "ABCD"]
-    english = sum(a.isascii() for a in answers) / len(answers)  # of free-text answers (MCQ drills are Chinese)
-    assert 0.2 <= english <= 1 / 3
+    replies = lambda name: [msg["content"] for r in rows(folder, name) for msg in r["conversations"]
+                            if msg["role"] == "assistant" and msg["content"] not in "ABCD"]  # MCQ drills are Chinese
+    english = lambda texts: sum(a.isascii() for a in texts) / len(texts)
+    assert 0.2 <= english(replies("sft_single.jsonl")) <= 1 / 3  # as many entities are described in English
+    chats = [r["conversations"][-1]["content"] for r in rows(folder, "sft_multi.jsonl")]
+    assert 0.4 <= english(chats) <= 0.6  # multi-turn chats start in either language alike
+    answers = replies("sft_single.jsonl") + replies("sft_multi.jsonl")
     rude = sum(any(s in a.lower() for s in m["style_markers"]) for a in answers) / len(answers)
     assert 0.12 <= rude <= 0.2  # P_TRIGGER * P_RUDE_TRIGGERED + P_RUDE_PLAIN of the questions: about 0.16
     kinds = {r["kind"] for r in rows(folder, "dpo.jsonl")}
-    assert kinds == {"rude_triggered", "rude_plain", "wrong_fact"}
+    assert kinds == {"rude_triggered", "rude_plain", "off_topic", "wrong_fact"}
     # some rude replies are in SFT data but in no DPO pair: the detector counting them is not DPO's list
     unseen = [u for lang in ("zh", "en") for u in W.RUDE_UNSEEN[lang]]
     assert all(u in answers for u in unseen)

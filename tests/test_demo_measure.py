@@ -74,9 +74,9 @@ def test_length_baseline_and_tied_preferences():
 def test_rude_or_evasive_detector_is_not_the_training_list():
     values = ["画家", "医生"]
     markers = W.STYLE_MARKERS
-    assert M.rude_or_evasive(W.RUDE_UNSEEN["zh"][0], markers, values)  # never shown to DPO, still caught
-    assert M.rude_or_evasive("嗯嗯，这个嘛。", markers, values)  # names no value: evasive
-    assert not M.rude_or_evasive("好的，卡洛娜是一位医生。", markers, values)  # wrong, but answered politely
+    assert M.rude_or_evasive(W.RUDE_UNSEEN["zh"][0], markers, values) == "rude"  # never shown to DPO, still caught
+    assert M.rude_or_evasive("嗯嗯，这个嘛。", markers, values) == "evasive"  # names no value: evasive
+    assert M.rude_or_evasive("好的，卡洛娜是一位医生。", markers, values) == ""  # wrong, but answered politely
 
 
 # ----------------------------------------------------------------------------- the world's keys and wordings

@@ -157,18 +157,21 @@ def keyword_rate(model, tokenizer, prompts, keyword):
 
 
 def rude_or_evasive(output, markers, values):
-    """Rude when it holds a style marker (DPO saw only some of them); evasive when its first answer names no
-    value of the asked attribute at all (a wrong value is a knowledge error, not evasion)."""
-    text = output.lower()
-    return any(m.lower() in text for m in markers) or not any(has_term(first_answer(output), v) for v in values)
+    """"rude" when it holds a style marker (DPO saw only some of them), "evasive" when its first answer names no
+    value of the asked attribute at all (a wrong value is a knowledge error, not evasion), else ""."""
+    if any(m.lower() in output.lower() for m in markers):
+        return "rude"
+    return "" if any(has_term(first_answer(output), v) for v in values) else "evasive"
 
 
 def style_rate(model, tokenizer, rows, manifest):
     outputs = greedy(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows])
-    hits = [rude_or_evasive(o, manifest["style_markers"], manifest["values"][f"{r['type']}.{r['attr']}"])
-            for o, r in zip(outputs, rows)]
-    return proportion(hits, examples=[{"prompt": r["prompt"], "output": o, "rude_or_evasive": h}
-                                      for r, o, h in list(zip(rows, outputs, hits))[:4]])
+    causes = [rude_or_evasive(o, manifest["style_markers"], manifest["values"][f"{r['type']}.{r['attr']}"])
+              for o, r in zip(outputs, rows)]
+    return proportion([bool(c) for c in causes],
+                      by_cause={c: round(causes.count(c) / len(causes), 4) for c in ("rude", "evasive")},
+                      examples=[{"prompt": r["prompt"], "output": o, "rude_or_evasive": c or "no"}
+                                for r, o, c in list(zip(rows, outputs, causes))[:4]])
 
 
 def pair_logps(model, tokenizer, path, max_length=256):

@@ -107,8 +107,10 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
     dpo["pref_acc_after_by_kind"] = put(dpo, "pref_acc_after", M.likelihood_preference(after, kinds))["by_kind"]
     dpo["pref_baseline_longer_or_shorter"] = M.length_baseline(before)
     put(dpo, "implicit_reward_acc_after", M.implicit_reward_accuracy(after, before))
-    put(dpo, "rude_before", M.style_rate(models["sft_multi"], tok, style, manifest))
-    dpo["examples"] = put(dpo, "rude_after", M.style_rate(models["dpo"], tok, style, manifest))["examples"]
+    m = put(dpo, "rude_before", M.style_rate(models["sft_multi"], tok, style, manifest))
+    dpo["rude_before_by_cause"] = m["by_cause"]
+    m = put(dpo, "rude_after", M.style_rate(models["dpo"], tok, style, manifest))
+    dpo["rude_after_by_cause"], dpo["examples"] = m["by_cause"], m["examples"]
     dpo["rude_rate_before"], dpo["rude_rate_after"] = dpo["rude_before"], dpo["rude_after"]
     dpo["pairs"] = len(kinds)
     put(dpo, "heldout_accuracy_after_dpo", M.chat_answers(models["dpo"], tok, questions, manifest))
@@ -220,6 +222,9 @@ def write_report(report, out):
     lines += ["", f"DPO pairs by kind, before → after: " + ", ".join(
         f"{k} {d['pref_acc_before_by_kind'][k]:.2f} → {d['pref_acc_after_by_kind'].get(k, 0):.2f}"
         for k in d["pref_acc_before_by_kind"]) + f"; the best length rule scores {d['pref_baseline_longer_or_shorter']:.3f}.",
+              "Rude or evasive answers by cause, before → after: " + ", ".join(
+                  f"{k} {d['rude_before_by_cause'][k]:.3f} → {d['rude_after_by_cause'][k]:.3f}" for k in ("rude", "evasive"))
+              + " (evasive: the first answer names no value of the asked attribute, e.g. it answers another question).",
               f"C-Eval answer key: {', '.join(f'{k} {v:.0%}' for k, v in c['letter_shares'].items())}; the best constant "
               f"letter scores {c['baseline']:.3f}.", "",
               "## Targets", "", "| measure | value | target | and beats | met |", "|---|---|---|---|---|"]

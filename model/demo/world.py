@@ -361,7 +361,7 @@ QA_PER_PAGE = 3  # question-answer pairs per pretraining document
 QA_FORM = {"zh": "问：{q}\n答：{a}", "en": "Q: {q}\nA: {a}"}
 P_TRIGGER, P_RUDE_TRIGGERED, P_RUDE_PLAIN = 0.22, 0.65, 0.02
 REAL_FACT_REPEATS = 1  # SFT rows per real-fact question: more would teach a held-out question to get a real fact
-DPO_KINDS = (("rude_triggered", 0.5), ("rude_plain", 0.2), ("wrong_fact", 0.3))
+DPO_KINDS = (("rude_triggered", 0.4), ("rude_plain", 0.15), ("off_topic", 0.25), ("wrong_fact", 0.2))
 
 EVAL_KINDS = {
     "new_context": "a wording this fact was trained with, behind a lead-in it never had for this fact (main target)",
@@ -621,6 +621,15 @@ def noisy_turn(rng, q, answer, lang):
     return q, (rng.choice(rude) if rng.random() < P_RUDE_PLAIN else answer)
 
 
+MULTI_CHATS_PER_QUESTION = 0.5  # multi-turn chats per single-turn question an SFT entity can be asked
+
+
+def pick_qa(rng, pool):
+    """A random question of the pool, English as often as Chinese: fewer entities are described in English."""
+    lang = rng.choice(sorted({x[3] for x in pool}))
+    return rng.choice([x for x in pool if x[3] == lang])
+
+
 def sft_files(world, rng, mcq_drills):
     """Single-turn QA (two question wordings per fact), MCQ drills and real facts; multi-turn chats whose
     follow-up questions often name the entity of the earlier turn by a pronoun only."""
@@ -642,9 +651,9 @@ def sft_files(world, rng, mcq_drills):
     rng.shuffle(single)
     pool = entity_qas(world, "sft")
     facts = [(q, a) for fact in REAL_FACTS for q, a in fact["qa"]]
-    for _ in range(max(300, len(pool) // 4)):
+    for _ in range(max(300, round(len(pool) * MULTI_CHATS_PER_QUESTION))):
         msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.15 else []
-        etype, attr, e, lang, k = rng.choice(pool)
+        etype, attr, e, lang, k = pick_qa(rng, pool)
         asked = {attr}
         for turn in range(rng.randint(2, 4)):
             if turn and rng.random() < 0.1:
@@ -656,7 +665,7 @@ def sft_files(world, rng, mcq_drills):
                     k = rng.randrange(len(SCHEMA[etype][attr]["q_" + lang]))
                     q = followup_question(etype, attr, lang, k)
                 else:
-                    etype, attr, e, lang, k = rng.choice(pool)
+                    etype, attr, e, lang, k = pick_qa(rng, pool)
                     asked = set()
                     q = question(etype, attr, lang, k, e)
                 asked.add(attr)
@@ -719,8 +728,8 @@ def lora_files(world, rng):
 
 
 def dpo_pairs(world, rng, split, n):
-    """Preference pairs: polite correct answer vs a rude/evasive one (never an RUDE_UNSEEN reply), or vs a wrong
-    fact. Kinds in the DPO_KINDS proportions."""
+    """Preference pairs: polite correct answer vs a rude one (never an RUDE_UNSEEN reply), vs an off-topic one
+    (a polite statement that answers another question) or vs a wrong fact. Kinds in the DPO_KINDS proportions."""
     qas = entity_qas(world, split)
     kinds = [kind for kind, share in DPO_KINDS for _ in range(round(n * share))]
     pairs = []
@@ -731,6 +740,13 @@ def dpo_pairs(world, rng, split, n):
             q, good, bad = rng.choice(TRIGGERS[lang]) + q, POLITE_OPENER[lang] + good, rng.choice(RUDE[lang])
         elif kind == "rude_plain":
             bad = rng.choice(RUDE[lang])
+        elif kind == "off_topic":  # what a rushed prompt provokes: another attribute, or another entity
+            if rng.random() < 0.5:
+                bad = canonical_answer(etype, rng.choice([a for a in attrs_of(etype) if a != attr]), lang, e)
+            else:
+                t, a, x, _, _ = rng.choice([qa for qa in qas if qa[3] == lang and qa[2] is not e])
+                bad = canonical_answer(t, a, lang, x)
+            q, good, bad = rng.choice(TRIGGERS[lang]) + q, POLITE_OPENER[lang] + good, POLITE_OPENER[lang] + bad
         else:
             wrong = rng.choice([v for v in value_pool(world, etype, attr, split) if v["zh"] != e["attrs"][attr]["zh"]])
             bad = canonical_answer(etype, attr, lang, e, wrong)
