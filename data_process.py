@@ -13,8 +13,11 @@ def demo(args):
     from model.demo.world import generate
 
     t0 = time.time()
-    m = generate(args.out, seed=args.seed, n_entities=args.n_entities, heldout_frac=args.heldout_frac,
-                 en_frac=args.en_frac, mcq_drills=args.mcq_drills, rounds=args.rounds, repo_root=ROOT)
+    try:
+        m = generate(args.out, seed=args.seed, n_entities=args.n_entities, heldout_frac=args.heldout_frac,
+                     en_frac=args.en_frac, mcq_drills=args.mcq_drills, rounds=args.rounds, repo_root=ROOT)
+    except ValueError as e:
+        sys.exit(f"data_process.py demo: {e}")
     for name, size in m["sizes"].items():
         print(f"{name:32s} {size['rows']:7d} rows {size['chars']:9d} chars")
     print(f"English share of pretraining text: {m['english_share_of_pretrain']}")

@@ -19,6 +19,7 @@ def parse_args():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default="out/scaling")
     p.add_argument("--eval_limit", type=int, default=300)
+    p.add_argument("--scale", type=float, default=1.0, help="passed to demo.py: multiply every stage's epochs")
     p.add_argument("--json", default="bench/demo_scaling.json")
     p.add_argument("--plot", default="images/demo_scaling.png")
     return p.parse_args()
@@ -33,7 +34,7 @@ def run_point(args, n_entities, rounds):
         out = Path(args.out) / f"e{n_entities}_r{rounds}_s{args.seed}"
         data = out / "data"
     cmd = [sys.executable, "demo.py", "--out", out, "--data", data, "--seed", args.seed,
-           "--n_entities", n_entities, "--rounds", rounds, "--until", "sft"]
+           "--n_entities", n_entities, "--rounds", rounds, "--scale", args.scale, "--until", "sft"]
     subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
     manifest = json.loads((data / "manifest.json").read_text())
     files = {role: data / Path(path).name for role, path in manifest["files"].items()}

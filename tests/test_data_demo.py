@@ -237,3 +237,10 @@ def test_followups_name_the_entity_only_in_the_earlier_turn(world):
                                                            for zh, en in names if zh == r["entity"])
         assert name not in r["question"] and name in r["history"][0]["content"]
         assert r["answer"] not in r["history"][-1]["content"]  # the earlier turn answered another attribute
+
+
+def test_a_world_too_small_for_its_splits_is_refused_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "data_process.py", "demo", "--out", str(tmp_path / "w"), "--n_entities", "40"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and not (tmp_path / "w" / "manifest.json").exists()
+    assert proc.stderr.strip().count("\n") == 0 and "--n_entities 64" in proc.stderr

@@ -427,7 +427,11 @@ def build_world(seed=42, n_entities=120, heldout_frac=0.25, en_frac=0.25):
                 zh, en = zh + kind[0], f"{en} {kind[1]}"
             world[etype].append({"type": etype, "zh": zh, "en": en})
     for etype in TYPES:
-        n_held = max(2, round(per_type * heldout_frac))
+        n_held = round(per_type * heldout_frac)
+        if min(n_held, per_type - n_held) < 4:  # a multiple-choice question draws 3 wrong options from its split
+            raise ValueError(f"{n_entities} entities with heldout_frac {heldout_frac} leave {n_held} held-out and "
+                             f"{per_type - n_held} SFT entities per type; each split needs at least 4 per type "
+                             f"(at 0.25: --n_entities 64 or more)")
         order = list(range(per_type))
         rng.shuffle(order)
         for rank, i in enumerate(order):
