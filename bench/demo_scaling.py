@@ -86,7 +86,9 @@ def plot(results, path):
     series = [("pretrain_heldout_completion", "pretrain: held-out fact completion", "tab:blue"),
               ("sft_heldout_qa", "SFT: answers about held-out entities", "tab:green"),
               ("ceval_sft", "SFT: multiple choice on held-out facts", "tab:red")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    panels = [p for p in panels if len(p[2]) > 1] or panels[:1]  # a curve needs two points
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, (title, key, rows) in zip(axes, panels):
         rows = sorted(rows, key=lambda r: r[key])
         xs = [r[key] for r in rows]
