@@ -265,7 +265,7 @@ def set_rng_state(state):
 
 @contextmanager
 def deepspeed_weights_only():
-    """DeepSpeed's checkpoint loader calls torch.load(..., weights_only=False); within this block it loads
+    """DeepSpeed's checkpoint loader asks torch.load for full unpickling; within this block every torch.load is
     weights-only, allowing just the three plain DeepSpeed classes its ZeRO optimizer state holds."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
