@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from model import cli, trainer as T
 from model.checkpoint import weights_name
-from model.model import IGNORE, pad_cat, sequence_logps
+from model.model import preference_batch, sequence_logps
 
 DATA_HOW = "python data_process.py dpo --input RAW.json --output dataset/dpo_data.jsonl"
 
@@ -15,8 +15,7 @@ DATA_HOW = "python data_process.py dpo --input RAW.json --output dataset/dpo_dat
 def dpo_loss_fn(reference, beta):
     """The DPO objective: -log sigmoid(beta * (policy log-ratio - reference log-ratio)), summed over pairs."""
     def loss_fn(policy, batch, autocast):
-        ids = pad_cat(batch["chosen_input_ids"], batch["rejected_input_ids"])
-        labels = pad_cat(batch["chosen_labels"], batch["rejected_labels"], value=IGNORE)
+        ids, labels = preference_batch(batch)
         n = batch["chosen_input_ids"].shape[0]
         logp = sequence_logps(policy, ids, labels, autocast)
         with torch.no_grad():

@@ -94,14 +94,17 @@ class Pipeline:
 
 
 def cpu_kind():
-    """The CPU and whether it computes bf16 natively (what --dtype auto decides on)."""
+    """The CPU and the precision --dtype auto trains in on it."""
+    import torch
+
+    from model.trainer import auto_dtype
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or platform.machine()
-    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "CPU")
-    native = "amx_bf16" in info or "avx512_bf16" in info
-    return f"{model}, {'bf16 units' if native else 'no bf16 units'}"
+        info = ""
+    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")),
+                 platform.processor() or platform.machine())
+    return f"{model}, --dtype auto: {auto_dtype(torch.device('cpu'))}"
 
 
 def main():

@@ -67,7 +67,8 @@ def train(data_path, out_dir, vocab_size, holdout_every, whole_words=()):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     if vocab_size - len(whole_words) <= 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"--vocab_size {vocab_size} leaves no room for BPE merges beside {len(whole_words)} whole words")
+        raise ValueError(f"--vocab_size {vocab_size} leaves no room for BPE merges beside {len(whole_words)} "
+                         f"whole words: raise it above {len(whole_words) + 256 + len(SPECIAL_TOKENS)} or list fewer")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(whole_words), special_tokens=SPECIAL_TOKENS,
                                   show_progress=True, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     heldout = []

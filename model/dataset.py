@@ -362,15 +362,14 @@ def document_tokens(docs):
     loaded = _load_tokens(cache, stamp, len(docs), dtype)
     if loaded is not None:
         return loaded
+
     def write(tmp):
         offsets = [0]
         with open(tmp, "wb") as f:
             f.write(np.zeros(8, dtype="<i8").tobytes())
-            for start in range(0, len(docs), 4096):
-                texts = [docs.text(i) for i in range(start, min(start + 4096, len(docs)))]
-                for ids in docs.tokenizer(texts, add_special_tokens=False)["input_ids"]:
-                    f.write(np.asarray([docs.bos, *ids, docs.eos], dtype=dtype).tobytes())
-                    offsets.append(offsets[-1] + len(ids) + 2)
+            for ids in _encoded(docs):
+                f.write(np.asarray(ids, dtype=dtype).tobytes())
+                offsets.append(offsets[-1] + len(ids))
             f.write(np.asarray(offsets, dtype="<i8").tobytes())
             f.seek(0)
             f.write(np.asarray([_TOK_MAGIC, *stamp, len(docs), 0], dtype="<i8").tobytes())
@@ -378,11 +377,18 @@ def document_tokens(docs):
         atomic_write(cache, write)
     except OSError:
         warnings.warn(f"cannot write {cache}; documents are tokenized into memory on every start")
-        texts = [docs.text(i) for i in range(len(docs))]
-        encoded = [[docs.bos, *ids, docs.eos] for ids in docs.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        encoded = list(_encoded(docs))
         offsets = np.cumsum([0] + [len(e) for e in encoded])
         return np.asarray([t for e in encoded for t in e], dtype=dtype), offsets
     return _load_tokens(cache, stamp, len(docs), dtype)
+
+
+def _encoded(docs, chunk=4096):
+    """Each document's token ids with <s> and </s>, tokenized a chunk of documents at a time."""
+    for start in range(0, len(docs), chunk):
+        texts = [docs.text(i) for i in range(start, min(start + chunk, len(docs)))]
+        for ids in docs.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            yield [docs.bos, *ids, docs.eos]
 
 
 def _load_tokens(cache, stamp, n_docs, dtype):

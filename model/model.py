@@ -329,6 +329,12 @@ def pad_cat(a, b, value=0):
                       F.pad(b, (0, width - b.shape[1]), value=value)])
 
 
+def preference_batch(batch):
+    """A DPO batch as one: (input_ids, labels) with the chosen rows first, then the rejected ones."""
+    return (pad_cat(batch["chosen_input_ids"], batch["rejected_input_ids"]),
+            pad_cat(batch["chosen_labels"], batch["rejected_labels"], value=IGNORE))
+
+
 MiniMindForCausalLM = Transformer
 
 

@@ -176,17 +176,17 @@ def style_rate(model, tokenizer, rows, manifest):
 
 def pair_logps(model, tokenizer, path, max_length=256):
     """Per pair of a DPO file: summed log-probability and token count of the chosen and the rejected answer."""
-    from ..dataset import DPODataset, collate_pad
-    from ..model import IGNORE, next_token_targets, pad_cat, sequence_logps
     from contextlib import nullcontext
+
+    from ..dataset import DPODataset, collate_pad
+    from ..model import IGNORE, next_token_targets, preference_batch, sequence_logps
     dataset = DPODataset(path, tokenizer, max_length=max_length)
     sums, counts = [], []
     with torch.no_grad():
         for start in range(0, len(dataset), 32):
             b = collate_pad([dataset[i] for i in range(start, min(start + 32, len(dataset)))])
-            labels = pad_cat(b["chosen_labels"], b["rejected_labels"], value=-100)
-            sums.append(sequence_logps(model, pad_cat(b["chosen_input_ids"], b["rejected_input_ids"]), labels,
-                                       nullcontext()).view(2, -1))
+            ids, labels = preference_batch(b)
+            sums.append(sequence_logps(model, ids, labels, nullcontext()).view(2, -1))
             counts.append((next_token_targets(labels) != IGNORE).sum(-1).view(2, -1))
     return torch.cat(sums, dim=1), torch.cat(counts, dim=1)
 
