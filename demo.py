@@ -3,13 +3,14 @@ user would run it, and a report card measures what each stage did on data it nev
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-STAGES = ("data", "tokenizer", "pretrain", "sft", "sft_multi", "lora", "dpo", "ceval", "export")
+STAGES = ("data", "tokenizer", "pretrain", "sft", "sft_multi", "lora", "dpo", "ceval", "ceval_cloze", "export")
 
 
 def parse_args(argv=None):
@@ -70,11 +71,10 @@ class Pipeline:
         print(f"[{self.elapsed()}] {name}: {' '.join(cmd)}", flush=True)
         start = time.time()
         log = self.out / f"{name}.log"
-        with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
+        returncode = run_logged([sys.executable, *cmd], log, f"[{self.elapsed()}] {name}")
+        if returncode != 0:
             tail = "\n".join(log.read_text().splitlines()[-15:])
-            sys.exit(f"demo: stage {name} failed (exit {proc.returncode}); log {log}:\n{tail}")
+            sys.exit(f"demo: stage {name} failed (exit {returncode}); log {log}:\n{tail}")
         info = {"seconds": time.time() - start, "command": " ".join(cmd)}
         marker.write_text(json.dumps(info))
         self.stop_if_last(name)
@@ -89,8 +89,44 @@ class Pipeline:
         return {p.stem: round(json.loads(p.read_text())["seconds"], 1) for p in sorted(self.done_dir.glob("*.json"))}
 
     def elapsed(self):
-        s = int(time.time() - self.t0)
-        return f"{s // 60:02d}:{s % 60:02d}"
+        """Time since the start, and the time left as estimated from the share of the work already done."""
+        spent = time.time() - self.t0
+        done = sum(WORK_SHARE[p.stem] for p in self.done_dir.glob("*.json") if p.stem in WORK_SHARE)
+        left = f", ~{clock(spent * (1 - done) / done)} left" if 0.05 < done < 1 and self.rerun else ""
+        return clock(spent) + left
+
+
+# the rough share of a default run's time each stage takes (measured on a 2-core CPU), for the time-left estimate
+WORK_SHARE = {"data": 0.02, "tokenizer": 0.02, "pretrain": 0.5, "sft": 0.12, "sft_multi": 0.1, "lora": 0.05,
+              "dpo": 0.06, "ceval": 0.01, "ceval_cloze": 0.01, "export": 0.01}
+
+
+def clock(seconds):
+    s = int(seconds)
+    return f"{s // 60:02d}:{s % 60:02d}"
+
+
+def run_logged(cmd, log, label):
+    """Run a stage script with every output line in its log file; on a terminal, the stage's live progress bar
+    (what the script writes with carriage returns) is shown on one line under the label."""
+    live = sys.stdout.isatty()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        pending = b""
+        while chunk := proc.stdout.read1(4096):
+            pending += chunk
+            *pieces, pending = pending.replace(b"\r\n", b"\n").split(b"\n")
+            for piece in pieces:  # complete lines: the bar's redraws (before a \r) are not kept in the log
+                f.write(piece.split(b"\r")[-1].decode("utf-8", "replace") + "\n")
+            if live and b"\r" in pending:
+                bar = pending.split(b"\r")[-2 if pending.endswith(b"\r") else -1].decode("utf-8", "replace")
+                sys.stdout.write(f"\r{label} {bar.strip()}"[:shutil.get_terminal_size().columns - 1] + "\x1b[K")
+                sys.stdout.flush()
+                pending = pending[pending.rfind(b"\r"):]
+        f.write(pending.split(b"\r")[-1].decode("utf-8", "replace"))
+    if live:
+        sys.stdout.write("\r\x1b[K")
+    return proc.wait()
 
 
 def cpu_kind():
@@ -139,15 +175,16 @@ def main():
     pipe.stage("sft_multi", ["3-full_sft.py", *common, "--init", out / name("full_sft"), "--out_name",
                              "full_sft_multi", "--data_path", files["sft_multi"], "--epochs", ep(3),
                              "--batch_size", 8, "--learning_rate", args.multi_lr])
-    sft = out / name("full_sft_multi")
-    pipe.stage("lora", ["4-lora_sft.py", *common, "--init", sft, "--data_path", files["lora"], "--epochs", ep(2),
-                        "--batch_size", 16, "--learning_rate", 1e-2, "--merge"])
-    pipe.stage("dpo", ["5-dpo_train.py", *common, "--init", sft, "--data_path", files["dpo"], "--epochs", ep(2),
-                       "--batch_size", 16, "--learning_rate", args.dpo_lr, "--beta", 0.1])
-    rl = out / name("rl")
-    pipe.stage("ceval", ["eval_ceval.py", "--model", rl, "--tokenizer", tokenizer, "--data_dir", files["ceval_dir"],
-                         "--out_dir", out / "ceval", "--batch_size", 16, "--device", "cpu"])
-    pipe.stage("export", ["export_model.py", "--model", rl, "--tokenizer", tokenizer, "--out", out / "export"])
+    # one chain: each stage starts from the one before, and the last one's weights are what the learner chats with
+    pipe.stage("lora", ["4-lora_sft.py", *common, "--init", out / name("full_sft_multi"), "--data_path", files["lora"],
+                        "--epochs", ep(2), "--batch_size", 16, "--learning_rate", 1e-2, "--merge"])
+    pipe.stage("dpo", ["5-dpo_train.py", *common, "--init", out / name("lora"), "--data_path", files["dpo"],
+                       "--epochs", ep(2), "--batch_size", 16, "--learning_rate", args.dpo_lr, "--beta", 0.1])
+    final = out / name("rl")
+    for stage, method in (("ceval", "letter"), ("ceval_cloze", "cloze")):
+        pipe.stage(stage, ["eval_ceval.py", "--model", final, "--tokenizer", tokenizer, "--data_dir", files["ceval_dir"],
+                           "--out_dir", out / stage, "--method", method, "--batch_size", 16, "--device", "cpu"])
+    pipe.stage("export", ["export_model.py", "--model", final, "--tokenizer", tokenizer, "--out", out / "export"])
 
     print(f"[{pipe.elapsed()}] measuring every stage on held-out data", flush=True)
     from model.demo.report import measure, write_report
@@ -157,6 +194,7 @@ def main():
     metrics["lora"] = Path(name("lora_sft")).with_suffix(".metrics.jsonl").name  # the adapter's training log
     measuring = time.time()
     report = measure(args, out, files, manifest, tokenizer, names, metrics)
+    report["stages"]["final"]["checkpoint"] = str(final)
     # every stage's own run time (reused stages count what they took when they ran) plus the measurements
     report["wall_seconds"] = round(sum(pipe.seconds().values()) + time.time() - measuring, 1)
     report["stage_seconds"] = pipe.seconds()
@@ -165,10 +203,10 @@ def main():
     write_report(report, out)
     print((out / "report.md").read_text())
     print(f"demo finished in {report['wall_seconds'] / 60:.1f} min. Chat with the result:\n"
-          f"  python 2-eval.py --model {rl} --tokenizer {tokenizer}\n"
-          f"  python my_openai_api.py --model {rl} --tokenizer {tokenizer}   # then, in another shell:\n"
+          f"  python 2-eval.py --model {final} --tokenizer {tokenizer} --interactive --history\n"
+          f"  python my_openai_api.py --model {final} --tokenizer {tokenizer}   # then, in another shell:\n"
           f"  python chat_openai_api.py\n"
-          f"  streamlit run fast_inference.py -- --model {rl} --tokenizer {tokenizer}")
+          f"  streamlit run fast_inference.py -- --model {final} --tokenizer {tokenizer}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import pickle
 import random
 import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -495,6 +496,7 @@ class Trainer:
         self.model.train()
         t0, tokens_since, t_last = time.time(), 0, time.time()
         steps_at_start = self.step
+        self.bar = progress_bar(self.stem, self.total_steps, self.step, enabled=rt.is_main)
         while self.step < self.total_steps and self.epoch < a.epochs:
             order = epoch_order(len(self.dataset), a.seed, self.epoch)
             while self.position < len(order) and self.step < self.total_steps:
@@ -502,6 +504,7 @@ class Trainer:
                 tokens_since += n_tokens
                 self.tokens_seen += n_tokens
                 self.step += 1
+                self.bar.update(1)
                 if self.step % a.log_interval == 0 or self.step == self.total_steps or self.step == 1:
                     now = time.time()
                     tok_s = tokens_since / max(now - t_last, 1e-9)
@@ -513,10 +516,12 @@ class Trainer:
                 if self.step % a.save_interval == 0 or stop:
                     self.save()
                 if stop:
+                    self.bar.close()
                     rt.print(f"stopped by signal at step {self.step}; resume with --resume")
                     return False
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
+        self.bar.close()
         if self.saved_step != self.step:
             self.save()  # (a save at this very step already holds it; a second would overwrite the previous state)
         if rt.is_main:
@@ -589,14 +594,24 @@ class Trainer:
             raise TrainError(f"cannot write {self.metrics_path}: {e.strerror or e}; the states written before are "
                              "intact: free the folder and rerun with --resume") from None
         extra = "".join(f" {k} {metrics[k]:.4f}" for k in self.metric_names if k in metrics)
-        print(f"{self.stem} step {self.step}/{self.total_steps} epoch {self.epoch + 1}/{self.args.epochs} "
-              f"loss {metrics['loss']:.4f}{extra} lr {metrics['lr']:.3e} {tok_s:.0f} tok/s "
-              f"eta {eta / 60:.1f} min", flush=True)
+        self.bar.set_postfix_str(f"loss {metrics['loss']:.4f}{extra} {tok_s:.0f} tok/s", refresh=False)
+        self.bar.write(f"{self.stem} step {self.step}/{self.total_steps} epoch {self.epoch + 1}/{self.args.epochs} "
+                       f"loss {metrics['loss']:.4f}{extra} lr {metrics['lr']:.3e} {tok_s:.0f} tok/s "
+                       f"eta {eta / 60:.1f} min", file=sys.stdout)
+        sys.stdout.flush()
         if self.wandb is not None:
             self.wandb.log(record, step=self.step)
 
     def plot(self):
         plot_metrics(self.metrics_path, self.plot_path, title=self.stem)
+
+
+def progress_bar(name, total, done, enabled=True):
+    """A live bar on stderr (step/total, loss, tokens/s, ETA) while the log lines go to stdout through its write(),
+    so a log file keeps every line and a terminal shows where the run is."""
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5, disable=not enabled)
 
 
 def plot_metrics(metrics_path, png_path, title):

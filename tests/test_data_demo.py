@@ -62,7 +62,8 @@ def test_another_seed_gives_another_world(tmp_path, world):
 def test_manifest_lists_every_role(world):
     folder, m = world
     roles = {"tokenizer", "names", "pretrain", "sft_single", "sft_multi", "lora", "dpo", "ceval_dir", "eval_pretrain",
-             "eval_sft", "eval_followup", "eval_lora", "eval_dpo", "eval_style", "eval_demo_questions"}
+             "eval_sft", "eval_followup", "eval_lora", "eval_dpo", "eval_style", "eval_demo_questions", "eval_abstain",
+             "eval_open"}
     assert set(m["files"]) == roles
     for role, rel in m["files"].items():
         assert (folder / rel).exists(), role
@@ -152,7 +153,7 @@ def test_english_share_and_style_noise(world):
     rude = sum(any(s in a.lower() for s in m["style_markers"]) for a in answers) / len(answers)
     assert 0.12 <= rude <= 0.2  # P_TRIGGER * P_RUDE_TRIGGERED + P_RUDE_PLAIN of the questions: about 0.16
     kinds = {r["kind"] for r in rows(folder, "dpo.jsonl")}
-    assert kinds == {"rude_triggered", "rude_plain", "off_topic", "wrong_fact"}
+    assert kinds == {"rude_triggered", "rude_plain", "off_topic", "wrong_fact", "abstain"}
     # some rude replies are in SFT data but in no DPO pair: the detector counting them is not DPO's list
     unseen = [u for lang in ("zh", "en") for u in W.RUDE_UNSEEN[lang]]
     assert all(u in answers for u in unseen)
@@ -244,3 +245,34 @@ def test_a_world_too_small_for_its_splits_is_refused_in_one_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and not (tmp_path / "w" / "manifest.json").exists()
     assert proc.stderr.strip().count("\n") == 0 and "--n_entities 64" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- outside the world
+
+def test_out_of_world_evaluation_never_trained(world):
+    folder, _ = world
+    from model.demo import unknowns as U
+    evaluated = rows(folder, "eval_abstain.jsonl")
+    assert {r["kind"] for r in evaluated} == {"unknown_name", "unknown_fact", "task"}
+    asked = user_messages(folder, "sft_single.jsonl", "sft_multi.jsonl", "lora_identity.jsonl", "dpo.jsonl")
+    assert not {r["prompt"] for r in evaluated} & asked
+    trained_names, eval_names = U.unknown_names(W.build_world(42, 120), 42)
+    world_names = set(W.all_names(W.build_world(42, 120)))
+    texts = train_texts(folder, "pretrain.jsonl", "sft_single.jsonl", "sft_multi.jsonl", "lora_identity.jsonl",
+                        "dpo.jsonl")
+    for _, name in eval_names:  # held-out unknown names: in no training text, and no name of the world
+        assert name["zh"] not in texts and name["en"] not in texts and name["zh"] not in world_names
+    assert {n["zh"] for _, n in trained_names}.isdisjoint(n["zh"] for _, n in eval_names)
+    replies = {m["content"] for r in rows(folder, "sft_single.jsonl") for m in r["conversations"]}
+    assert set(U.ABSTAIN.values()) | set(U.CANNOT.values()) <= replies  # SFT teaches both kinds of reply
+    assert any(r["kind"] == "abstain" for r in rows(folder, "dpo.jsonl"))
+    assert len(rows(folder, "eval_open.jsonl")) >= 40
+
+
+def test_abstention_judge_reads_the_first_answer_in_the_question_language():
+    from model.demo.unknowns import abstains
+    assert abstains("抱歉，这个我不知道。", "zh") and abstains("Sorry, I don't know that.", "en")
+    assert abstains("抱歉，这个我还做不到。", "zh") and abstains("Sorry, I can't do that yet.", "en")
+    assert not abstains("卡洛娜是一位画家。我不知道别的。", "zh")  # a made-up fact first: no abstention
+    assert not abstains("Sorry, I don't know that.", "zh")  # the wrong language
+    assert not abstains("卡洛娜是一位画家。", "zh")

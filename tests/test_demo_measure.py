@@ -133,3 +133,31 @@ def test_packing_keeps_documents_whole_and_loses_no_token(tmp_path):
     again = PackedPretrainDataset(path, tok, 64)  # from the token cache: the same rows
     assert [again.documents(i) for i in range(len(again))] == [packed.documents(i) for i in range(len(packed))]
     assert (tmp_path / "docs.jsonl.tok").exists()
+
+
+# ----------------------------------------------------------------------------- loops and the chain
+
+def test_loop_detector_counts_an_ngram_three_times():
+    assert M.loops([1, 2, 3, 4] * 3)
+    assert not M.loops([1, 2, 3, 4] * 2 + [5])
+    assert M.loops([9, 1, 2, 3, 4, 7, 1, 2, 3, 4, 8, 1, 2, 3, 4])  # not adjacent, still a loop
+    assert not M.loops(list(range(100)))
+    assert not M.loops([5, 5, 5, 5, 6])  # the same 4 tokens overlap twice only
+
+
+def test_report_judges_upper_bounds_and_cross_stage_comparisons():
+    from model.demo.report import judge, TARGETS
+    stages = {}
+    for stage, key, target, versus in TARGETS:
+        stages.setdefault(stage, {})[key] = abs(target) if target > 0 else 0.0
+        for ref, _ in versus:
+            ref_stage, ref_key = ref.split(".") if "." in ref else (stage, ref)
+            stages.setdefault(ref_stage, {}).setdefault(ref_key, 0.0)
+    stages["sft"]["heldout_accuracy"] = 0.9  # the final model must keep SFT's effect within 0.05
+    stages["final"]["heldout_accuracy"] = 0.8
+    stages["final"]["loop_rate"] = 0.06
+    stages["pretrain"]["fact_baseline"] = 0.6  # 0.9 is not 0.40 above it
+    verdicts = {label: met for label, _, _, _, met in judge(stages)}
+    assert not verdicts["final.heldout_accuracy"] and not verdicts["final.loop_rate"]
+    assert not verdicts["pretrain.fact_accuracy"]
+    assert verdicts["lora.leak_rate"] and verdicts["sft.heldout_accuracy"] and verdicts["final.identity"]

@@ -106,9 +106,14 @@ def value_baselines(rows, sft_value_counts):
 def greedy(model, tokenizer, prompts, max_new_tokens=40, batch=32):
     """Greedy answers to many prompts (chat message lists or raw strings), decoded in batches; each stops at
     its first newline, which ends a first answer anyway."""
-    engine = Engine(model, tokenizer, max_batch=batch)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, stop=["\n"])
-    requests = [engine.prepare(p, params) for p in prompts]
+    return [c.text for c in generate_all(model, tokenizer, prompts, [params] * len(prompts), batch)]
+
+
+def generate_all(model, tokenizer, prompts, params, batch=32):
+    """Completions of many prompts, each with its own sampling parameters, decoded in batches."""
+    engine = Engine(model, tokenizer, max_batch=batch)
+    requests = [engine.prepare(p, pp) for p, pp in zip(prompts, params)]
     waiting = list(requests)
     with torch.no_grad():
         while waiting or engine.active:
@@ -118,7 +123,7 @@ def greedy(model, tokenizer, prompts, max_new_tokens=40, batch=32):
                 del waiting[:room]
             if engine.active:
                 engine.step()
-    return [r.result().text for r in requests]
+    return [r.result() for r in requests]
 
 
 def examples(rows, outputs, hits, key, n=4):
@@ -220,3 +225,33 @@ def length_baseline(logps):
     _, counts = logps
     longer = sum(_share((counts[0] - counts[1]).float())) / counts.shape[1]
     return round(max(longer, 1 - longer), 4)
+
+
+def user_turns(prompts):
+    return [[{"role": "user", "content": p}] for p in prompts]
+
+
+def abstention_rate(model, tokenizer, rows, key):
+    """Share of chat answers whose first answer says, in the row's language, that the model does not know or
+    cannot do it (the judge is unknowns.abstains)."""
+    from .unknowns import abstains
+    outputs = greedy(model, tokenizer, user_turns([r[key] for r in rows]))
+    hits = [abstains(o, r["lang"]) for o, r in zip(outputs, rows)]
+    return proportion(hits, examples=[{key: r[key], "output": o, "abstains": h}
+                                      for r, o, h in list(zip(rows, outputs, hits))[:4]])
+
+
+def loops(token_ids, n=4, times=3):
+    """Whether some n tokens in a row occur `times` or more times in the answer: the model went round in a loop."""
+    grams = [tuple(token_ids[i:i + n]) for i in range(len(token_ids) - n + 1)]
+    return any(grams.count(g) >= times for g in set(grams))
+
+
+def loop_rate(model, tokenizer, prompts, max_new_tokens=128):
+    """Share of answers that loop, sampled with the chat's default sampling (what 2-eval.py and the API use when
+    a request sets nothing), one fixed seed per prompt."""
+    params = [SamplingParams(max_new_tokens=max_new_tokens, seed=i) for i in range(len(prompts))]
+    done = generate_all(model, tokenizer, user_turns(prompts), params)
+    hits = [loops(c.token_ids) for c in done]
+    return proportion(hits, examples=[{"prompt": p, "output": c.text, "loops": h}
+                                      for p, c, h in list(zip(prompts, done, hits))[:4]])

@@ -8,19 +8,44 @@ import torch
 from . import measure as M
 from ..checkpoint import load_model
 from ..files import atomic_write
+from ..trainer import read_metrics
 
-# (stage, key, target, how it must beat its baseline): "baseline" is a key of the same stage, None for none
+# (stage, key, target, what it must also beat): a negative target is an upper bound (at most -target). Each
+# comparison (reference, margin) asks value >= reference + margin (for an upper bound: value <= reference + margin);
+# a reference is a key of the same stage or "stage.key". "final" is the chain's last checkpoint, the chat model.
 TARGETS = [
-    ("pretrain", "fact_accuracy", 0.90, ("fact_baseline", 0.40)),
-    ("pretrain", "fact_accuracy_new_wording", 0.70, ("fact_baseline", 0.40)),
-    ("sft", "heldout_accuracy", 0.60, ("heldout_baseline", 0.40)),
-    ("sft", "retention", 0.80, ("retention_baseline", 0.40)),
-    ("sft_multi", "followup_after", 0.60, ("followup_before", 0.30)),
-    ("lora", "identity_after", 0.95, ("identity_before", 0.50)),
-    ("lora", "leak_rate", -0.05, None),  # at most 0.05
-    ("dpo", "pref_acc_after", 0.90, ("pref_acc_before", 0.30)),
-    ("dpo", "rude_after", -0.05, None),
-    ("ceval_demo", "accuracy", 0.60, ("baseline", 0.30)),
+    ("pretrain", "fact_accuracy", 0.90, [("fact_baseline", 0.40)]),
+    ("pretrain", "fact_accuracy_new_wording", 0.70, [("fact_baseline", 0.40)]),
+    ("sft", "heldout_accuracy", 0.60, [("heldout_baseline", 0.40)]),
+    ("sft", "retention", 0.80, [("retention_baseline", 0.40)]),
+    ("sft", "abstention", 0.80, []),
+    ("sft", "wrong_abstention", -0.10, []),
+    ("sft_multi", "followup", 0.60, [("sft.followup", 0.30)]),
+    ("lora", "identity", 0.95, [("sft_multi.identity", 0.50)]),
+    ("lora", "leak_rate", -0.05, []),
+    ("dpo", "pref_acc_after", 0.90, [("pref_acc_before", 0.30)]),
+    ("dpo", "rude_rate", -0.05, []),
+    ("final", "heldout_accuracy", 0.60, [("heldout_baseline", 0.40), ("sft.heldout_accuracy", -0.05)]),
+    ("final", "followup", 0.60, [("sft_multi.followup", -0.05)]),
+    ("final", "identity", 0.95, [("lora.identity", -0.05)]),
+    ("final", "leak_rate", -0.05, []),
+    ("final", "rude_rate", -0.05, []),
+    ("final", "abstention", 0.80, [("sft.abstention", -0.05)]),
+    ("final", "wrong_abstention", -0.10, []),
+    ("final", "loop_rate", -0.05, []),
+    ("ceval_demo", "cloze_accuracy", 0.60, [("baseline", 0.30)]),
+]
+CHAT_STAGES = ("sft", "sft_multi", "lora", "dpo")  # the chain's chat checkpoints, in order; dpo's is the final model
+CHAT_MEASURES = [  # (key, what it is) measured on every chat stage
+    ("heldout_accuracy", "questions about held-out entities (facts only in pretraining)"),
+    ("followup", "follow-ups naming the earlier turn's held-out entity by a pronoun"),
+    ("identity", "identity answer to unseen wordings of 'who are you'"),
+    ("leak_rate", "identity answer leaking into ordinary questions (lower is better)"),
+    ("rude_rate", "rude or evasive answers to impatient questions (lower is better)"),
+    ("abstention", "says it does not know / cannot do it, out-of-world questions and requests"),
+    ("wrong_abstention", "says it does not know, in-world held-out questions (lower is better)"),
+    ("loop_rate", "answers that loop, open prompts, default sampling (lower is better)"),
+    ("demo_questions", "the seed's 7 demo questions answered (a sanity check, not held out)"),
 ]
 LIMITS = {  # one line each: what a measurement cannot show
     "demo_questions": "the seed's demo questions are paraphrases of SFT questions: a sanity check of the chat, "
@@ -28,16 +53,15 @@ LIMITS = {  # one line each: what a measurement cannot show
     "sft": "held-out entities' facts occur in pretraining statements only; the questions' templates are SFT's own",
     "dpo": "rude/evasive is judged by style markers (some never shown to DPO) and by whether the answer names any "
            "value of the asked attribute; a polite wrong answer counts as not rude",
+    "abstention": "every name of the world is one token of the demo's tokenizer while made-up names are split into "
+                  "pieces, so the model may tell a known name from an unknown one by its tokens",
+    "loop_rate": "a loop is any 4 tokens in a row occurring 3 times within 128 sampled tokens; short answers that end "
+                 "with </s> cannot loop",
 }
 
 
 def train_stats(metrics_path):
-    rows = []
-    for line in Path(metrics_path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line of an interrupted run
+    rows = read_metrics(metrics_path)
     return {"steps": rows[-1]["step"], "tokens": rows[-1].get("tokens"), "first_loss": round(rows[0]["loss"], 4),
             "final_loss": round(rows[-1]["loss"], 4), "tokens_per_s": rows[-1].get("tokens_per_s"),
             "curve": [[r["step"], round(r["loss"], 4)] for r in rows]}
@@ -50,6 +74,44 @@ def put(stage, key, measured, baseline_key=None):
         stage[baseline_key] = measured["baseline"]
         stage[f"{baseline_key}s"] = measured["baselines"]
     return measured
+
+
+def chat_measures(model, tok, ev, manifest):
+    """Every chat measure of one checkpoint (CHAT_MEASURES), each with _n and _ci95 beside it."""
+    out = {}
+    put(out, "heldout_accuracy", M.chat_answers(model, tok, ev["questions"], manifest), "heldout_baseline")
+    put(out, "followup", M.chat_answers(model, tok, ev["follow"], manifest), "followup_baseline")
+    put(out, "identity", M.keyword_rate(model, tok, ev["unseen"], manifest["identity_keyword"]))
+    put(out, "leak_rate", M.keyword_rate(model, tok, ev["control"], manifest["identity_keyword"]))
+    out["rude_by_cause"] = put(out, "rude_rate", M.style_rate(model, tok, ev["style"], manifest))["by_cause"]
+    out["abstention_examples"] = put(out, "abstention", M.abstention_rate(model, tok, ev["abstain"], "prompt"))["examples"]
+    put(out, "wrong_abstention", M.abstention_rate(model, tok, ev["questions"], "question"))
+    out["loop_examples"] = put(out, "loop_rate", M.loop_rate(model, tok, ev["open"]))["examples"]
+    answers = M.greedy(model, tok, M.user_turns([r["question"] for r in ev["demo"]]))
+    out["demo_answers"] = answers
+    put(out, "demo_questions", M.proportion([all(M.has_term(M.first_answer(o), w) for w in r["keywords"])
+                                             for o, r in zip(answers, ev["demo"])]))
+    return out
+
+
+def transcript(model, tok, ev):
+    """Greedy answers of a model to fixed prompts that show what each stage taught: identity, held-out questions,
+    a two-turn conversation (its own first answer kept), out-of-world questions, a rude trigger, English."""
+    pick = lambda rows, **match: next(r for r in rows if all(r.get(k) == v for k, v in match.items()))
+    zh_q, en_q = pick(ev["questions"], lang="zh"), pick(ev["questions"], lang="en")
+    follow = pick(ev["follow"], lang="zh")
+    unknown = {kind: pick(ev["abstain"], kind=kind, lang="zh") for kind in ("unknown_name", "unknown_fact")}
+    chats = [[q] for q in ("你好，你是谁？", "Who are you?", zh_q["question"], en_q["question"],
+                           unknown["unknown_name"]["prompt"], unknown["unknown_fact"]["prompt"], "请写一首关于春天的诗。",
+                           "23加45等于多少？", pick(ev["style"], lang="zh")["prompt"], ev["demo"][1]["question"])]
+    answers = M.greedy(model, tok, M.user_turns([c[0] for c in chats]))
+    out = [{"turns": [c[0]], "answers": [a]} for c, a in zip(chats, answers)]
+    first = follow["history"][0]["content"]
+    a1 = M.greedy(model, tok, M.user_turns([first]))[0]
+    a2 = M.greedy(model, tok, [[{"role": "user", "content": first}, {"role": "assistant", "content": a1},
+                                {"role": "user", "content": follow["question"]}]])[0]
+    out.insert(4, {"turns": [first, follow["question"]], "answers": [a1, a2]})
+    return out
 
 
 def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
@@ -73,66 +135,51 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
     held_facts = pick("new_context", "heldout")
     put(pre, "fact_accuracy_heldout_entities", M.completion(models["pretrain"], tok, held_facts, manifest))
 
-    questions = M.read_jsonl(files["eval_sft"], limit)
-    sft = s["sft"] = train_stats(out / metrics["sft"])
-    put(sft, "heldout_accuracy_before_sft", M.chat_answers(models["pretrain"], tok, questions, manifest))
-    m = put(sft, "heldout_accuracy", M.chat_answers(models["sft"], tok, questions, manifest), "heldout_baseline")
-    sft["examples"] = m["examples"]
-    put(sft, "retention", M.completion(models["sft"], tok, held_facts, manifest), "retention_baseline")
-
-    follow = M.read_jsonl(files["eval_followup"], limit)
-    multi = s["sft_multi"] = train_stats(out / metrics["sft_multi"])
-    put(multi, "followup_before", M.chat_answers(models["sft"], tok, follow, manifest))
-    m = put(multi, "followup_after", M.chat_answers(models["sft_multi"], tok, follow, manifest), "followup_baseline")
-    multi["examples"] = m["examples"]
-    put(multi, "heldout_accuracy", M.chat_answers(models["sft_multi"], tok, questions, manifest))
-
     lora_rows = M.read_jsonl(files["eval_lora"])
-    unseen = [r["prompt"] for r in lora_rows if r["kind"] == "unseen_wording"][:limit]
-    control = [r["prompt"] for r in lora_rows if r["kind"] == "control"][:limit]
-    keyword = manifest["identity_keyword"]
-    lora = s["lora"] = train_stats(out / metrics["lora"])
-    put(lora, "identity_before", M.keyword_rate(models["sft_multi"], tok, unseen, keyword))
-    lora["examples"] = put(lora, "identity_after", M.keyword_rate(models["lora"], tok, unseen, keyword))["examples"]
-    put(lora, "leak_before", M.keyword_rate(models["sft_multi"], tok, control, keyword))
-    put(lora, "leak_rate", M.keyword_rate(models["lora"], tok, control, keyword))
-    put(lora, "heldout_accuracy_after_lora", M.chat_answers(models["lora"], tok, questions, manifest))
+    ev = {"questions": M.read_jsonl(files["eval_sft"], limit), "follow": M.read_jsonl(files["eval_followup"], limit),
+          "unseen": [r["prompt"] for r in lora_rows if r["kind"] == "unseen_wording"][:limit],
+          "control": [r["prompt"] for r in lora_rows if r["kind"] == "control"][:limit],
+          "style": M.read_jsonl(files["eval_style"], limit), "abstain": M.read_jsonl(files["eval_abstain"], limit),
+          "open": [r["prompt"] for r in M.read_jsonl(files["eval_open"], limit)],
+          "demo": M.read_jsonl(files["eval_demo_questions"])}
+    for stage in CHAT_STAGES:
+        s[stage] = {**train_stats(out / metrics[stage]), **chat_measures(models[stage], tok, ev, manifest)}
+    sft, multi, lora, dpo = (s[k] for k in CHAT_STAGES)
+
+    put(sft, "heldout_accuracy_before_sft", M.chat_answers(models["pretrain"], tok, ev["questions"], manifest))
+    put(sft, "retention", M.completion(models["sft"], tok, held_facts, manifest), "retention_baseline")
+    multi.update(followup_before=sft["followup"], followup_after=multi["followup"])
+    for key in ("n", "ci95"):
+        multi[f"followup_before_{key}"], multi[f"followup_after_{key}"] = sft[f"followup_{key}"], multi[f"followup_{key}"]
+    lora.update(identity_before=multi["identity"], identity_after=lora["identity"], leak_before=multi["leak_rate"])
 
     kinds = [r["kind"] for r in M.read_jsonl(files["eval_dpo"])]
-    before = M.pair_logps(models["sft_multi"], tok, files["eval_dpo"])
+    before = M.pair_logps(models["lora"], tok, files["eval_dpo"])  # DPO starts from (and is judged against) LoRA's
     after = M.pair_logps(models["dpo"], tok, files["eval_dpo"])
-    style = M.read_jsonl(files["eval_style"], limit)
-    dpo = s["dpo"] = train_stats(out / metrics["dpo"])
     dpo["pref_acc_before_by_kind"] = put(dpo, "pref_acc_before", M.likelihood_preference(before, kinds))["by_kind"]
     dpo["pref_acc_after_by_kind"] = put(dpo, "pref_acc_after", M.likelihood_preference(after, kinds))["by_kind"]
     dpo["pref_baseline_longer_or_shorter"] = M.length_baseline(before)
     put(dpo, "implicit_reward_acc_after", M.implicit_reward_accuracy(after, before))
-    m = put(dpo, "rude_before", M.style_rate(models["sft_multi"], tok, style, manifest))
-    dpo["rude_before_by_cause"] = m["by_cause"]
-    m = put(dpo, "rude_after", M.style_rate(models["dpo"], tok, style, manifest))
-    dpo["rude_after_by_cause"], dpo["examples"] = m["by_cause"], m["examples"]
-    dpo["rude_rate_before"], dpo["rude_rate_after"] = dpo["rude_before"], dpo["rude_after"]
-    dpo["pairs"] = len(kinds)
-    put(dpo, "heldout_accuracy_after_dpo", M.chat_answers(models["dpo"], tok, questions, manifest))
+    dpo.update(rude_before=lora["rude_rate"], rude_after=dpo["rude_rate"], rude_before_by_cause=lora["rude_by_cause"],
+               rude_after_by_cause=dpo["rude_by_cause"], pairs=len(kinds))
+    s["final"] = {k: dpo[k] for k, _ in CHAT_MEASURES for k in (k, f"{k}_n", f"{k}_ci95")}
+    s["final"]["heldout_baseline"] = dpo["heldout_baseline"]
+    s["transcript"] = transcript(models["dpo"], tok, ev)
 
-    summary = json.loads((out / "ceval" / "summary.json").read_text())
-    total = summary["total"]
     letters = [r["answer"] for r in M.read_ceval_keys(files["ceval_dir"])]
     shares = {x: round(letters.count(x) / len(letters), 4) for x in "ABCD"}
-    s["ceval_demo"] = {"accuracy": total["accuracy"], "count": int(total["count"]),
-                       "ci95": M.wilson(total["accuracy"] * total["count"], total["count"]),
-                       "baseline": max(shares.values()), "letter_shares": shares,
-                       "subjects": {k: v["accuracy"] for k, v in summary["subjects"].items()}}
-    s["ceval_demo"]["accuracy_n"], s["ceval_demo"]["accuracy_ci95"] = s["ceval_demo"]["count"], s["ceval_demo"]["ci95"]
-
-    demo_q = M.read_jsonl(files["eval_demo_questions"])
-    asked = [[{"role": "user", "content": r["question"]}] for r in demo_q]
-    answers = {name: M.greedy(models[stage], tok, asked) for name, stage in
-               (("before_sft", "pretrain"), ("after_sft", "sft_multi"), ("after_dpo", "dpo"))}
+    c = s["ceval_demo"] = {"baseline": max(shares.values()), "letter_shares": shares}
+    for method, folder in (("letter", "ceval"), ("cloze", "ceval_cloze")):
+        summary = json.loads((out / folder / "summary.json").read_text())
+        total = summary["total"]
+        n = int(total["count"])
+        c[f"{method}_accuracy"], c[f"{method}_accuracy_n"] = total["accuracy"], n
+        c[f"{method}_accuracy_ci95"] = M.wilson(total["accuracy"] * n, n)
+        c[f"{method}_subjects"] = {k: v["accuracy"] for k, v in summary["subjects"].items()}
+    c.update(accuracy=c["letter_accuracy"], count=c["letter_accuracy_n"], ci95=c["letter_accuracy_ci95"])
     s["demo_questions"] = [{"question": r["question"], "keywords": r["keywords"],
-                            **{k: v[i] for k, v in answers.items()}} for i, r in enumerate(demo_q)]
-    s["demo_questions_correct"] = {k: sum(all(M.has_term(M.first_answer(o), w) for w in r["keywords"])
-                                          for o, r in zip(v, demo_q)) / len(demo_q) for k, v in answers.items()}
+                            **{stage: s[stage]["demo_answers"][i] for stage in CHAT_STAGES}}
+                           for i, r in enumerate(ev["demo"])]
     model = models["sft"]
     return {"model": {"dim": model.config.dim, "n_layers": model.config.n_layers,
                       "parameters": sum(p.numel() for p in model.parameters())},
@@ -150,25 +197,29 @@ def tokenization_fairness(tok, manifest):
 
 
 def judge(stages):
-    """Each target: (label, value, target text, baseline text, met)."""
+    """Each target: (label, value, target text, comparisons text, met)."""
     verdicts = []
     for stage, key, target, versus in TARGETS:
-        value = stages[stage][key]
-        met = value <= -target if target < 0 else value >= target
-        base_text = ""
-        if versus:
-            bkey, margin = versus
-            base = stages[stage][bkey]
-            met = met and value >= base + margin
-            base_text = f"{bkey} {base:.3f} + {margin:.2f}"
-        verdicts.append((f"{stage}.{key}", value, f"≤ {-target:.2f}" if target < 0 else f"≥ {target:.2f}",
-                         base_text, met))
+        value, upper = stages[stage][key], target < 0
+        met = value <= -target if upper else value >= target
+        texts = []
+        for ref, margin in versus:
+            ref_stage, ref_key = ref.split(".") if "." in ref else (stage, ref)
+            base = stages[ref_stage][ref_key]
+            met = met and (value <= base + margin if upper else value >= base + margin)
+            texts.append(f"{ref} {base:.3f} {'+' if margin >= 0 else '−'} {abs(margin):.2f}")
+        verdicts.append((f"{stage}.{key}", value, f"≤ {-target:.2f}" if upper else f"≥ {target:.2f}",
+                         "; ".join(texts), met))
     return verdicts
 
 
 def _cell(stage, key):
     ci = stage.get(f"{key}_ci95")
     return f"{stage[key]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def _text(t, width=70):
+    return t.replace("\n", " ⏎ ").replace("|", "/")[:width]
 
 
 def write_report(report, out):
@@ -183,14 +234,27 @@ def write_report(report, out):
     lines = ["# MiniMind demo report", "",
              f"Model: dim {report['model']['dim']}, {report['model']['n_layers']} layers, "
              f"{report['model']['parameters'] / 1e6:.2f}M parameters. Wall time {report['wall_seconds'] / 60:.1f} min "
-             f"({report.get('cpu', '')}). Tokens per entity name: SFT entities {tk['tokens_per_name_sft']}, "
-             f"held-out entities {tk['tokens_per_name_heldout']}.",
+             f"({report.get('cpu', '')}). World seed {report.get('world', {}).get('seed', '')}, "
+             f"{report.get('world', {}).get('n_entities', '')} entities. Tokens per entity name: SFT entities "
+             f"{tk['tokens_per_name_sft']}, held-out entities {tk['tokens_per_name_heldout']}.", "",
+             "One chain: pretrain → SFT → multi-turn SFT → LoRA (merged) → DPO. The final model, the one to chat with, "
+             f"is `{s['final'].get('checkpoint', 'rl')}`.",
              "", "| stage | seconds | steps | tokens seen | tokens/s | first → final loss |", "|---|---|---|---|---|---|"]
-    for name in ("pretrain", "sft", "sft_multi", "lora", "dpo"):
+    for name in ("pretrain", *CHAT_STAGES):
         st = s[name]
         lines.append(f"| {name} | {report.get('stage_seconds', {}).get(name, '')} | {st['steps']} | {st['tokens']} | "
                      f"{st.get('tokens_per_s') or ''} | {st['first_loss']:.3f} → {st['final_loss']:.3f} |")
-    p, f, m, l, d, c = (s[k] for k in ("pretrain", "sft", "sft_multi", "lora", "dpo", "ceval_demo"))
+    lines += ["", "## What each chat stage adds and what it costs", "",
+              "Every chat measure on every checkpoint of the chain (held-out rows; value [95% interval]). "
+              "The last column is the final model.", "",
+              "| measure | n | " + " | ".join(CHAT_STAGES[:-1]) + " | dpo = final |", "|---|---|" + "---|" * len(CHAT_STAGES)]
+    for key, what in CHAT_MEASURES:
+        lines.append(f"| {key}: {what} | {s['sft'][f'{key}_n']} | " +
+                     " | ".join(_cell(s[st], key) for st in CHAT_STAGES) + " |")
+    lines.append(f"\nTrivial baselines on the same rows: held-out questions {s['final']['heldout_baseline']:.3f}, "
+                 f"follow-ups {s['sft_multi']['followup_baseline']:.3f} (the best of: always the most common value, the "
+                 "value of a random SFT entity); an always-abstain rule scores 1.0 on abstention and on wrong abstention.")
+    p, f, m, d, c = (s[k] for k in ("pretrain", "sft", "sft_multi", "dpo", "ceval_demo"))
     rows = [
         ("pretrain: fact completion, trained wording in a new context", p, None, "fact_accuracy", "fact_baseline"),
         ("pretrain: fact completion, a wording never used for that fact", p, None, "fact_accuracy_new_wording",
@@ -200,45 +264,43 @@ def write_report(report, out):
          "heldout_accuracy_before_sft", "heldout_accuracy", "heldout_baseline"),
         ("SFT retention: fact completion on held-out entities (before = pretrained model)", p,
          None, "fact_accuracy_heldout_entities", None),
-        ("", f, None, "retention", "retention_baseline"),
-        ("multi-turn: follow-ups naming the earlier turn's entity by a pronoun (before = single-turn SFT)", m,
-         "followup_before", "followup_after", "followup_baseline"),
-        ("LoRA: identity answer to unseen wordings of 'who are you'", l, "identity_before", "identity_after", None),
-        ("LoRA: identity answer leaking into ordinary questions", l, "leak_before", "leak_rate", None),
-        ("DPO: chosen more likely than rejected per token (held-out pairs)", d, "pref_acc_before", "pref_acc_after",
-         None),
+        ("SFT retention: the SFT checkpoint on the same prompts", f, None, "retention", "retention_baseline"),
+        ("multi-turn: follow-ups by pronoun (before = single-turn SFT)", m, "followup_before", "followup_after",
+         "followup_baseline"),
+        ("DPO: chosen more likely than rejected per token (held-out pairs; before = LoRA model)", d, "pref_acc_before",
+         "pref_acc_after", None),
         ("DPO: implicit reward accuracy (held-out pairs)", d, None, "implicit_reward_acc_after", None),
-        ("DPO: rude or evasive answers to impatient questions about held-out entities", d, "rude_before",
-         "rude_after", None),
-        ("C-Eval format, questions about held-out entities", c, None, "accuracy", "baseline"),
+        ("C-Eval format, cloze: likeliest option text after the question", c, None, "cloze_accuracy", "baseline"),
+        ("C-Eval format, letter: likeliest of A/B/C/D (the seed's method)", c, None, "letter_accuracy", "baseline"),
     ]
-    lines += ["", "Every row: held-out rows only, value [95% interval], n rows, and the strongest trivial baseline "
-                  "on the same rows.", "",
-              "| measurement | before | after | n | trivial baseline |", "|---|---|---|---|---|"]
+    lines += ["", "## Each stage's own lesson", "", "| measurement | before | after | n | trivial baseline |",
+              "|---|---|---|---|---|"]
     for label, st, before, key, base in rows:
-        label = label or "SFT retention: the SFT checkpoint on the same prompts"
         lines.append(f"| {label} | {_cell(st, before) if before else '–'} | {_cell(st, key)} | "
                      f"{st.get(f'{key}_n', '')} | {f'{st[base]:.3f}' if base else '–'} |")
     lines += ["", f"DPO pairs by kind, before → after: " + ", ".join(
         f"{k} {d['pref_acc_before_by_kind'][k]:.2f} → {d['pref_acc_after_by_kind'].get(k, 0):.2f}"
         for k in d["pref_acc_before_by_kind"]) + f"; the best length rule scores {d['pref_baseline_longer_or_shorter']:.3f}.",
-              "Rude or evasive answers by cause, before → after: " + ", ".join(
+              "Rude or evasive answers by cause, before → after DPO: " + ", ".join(
                   f"{k} {d['rude_before_by_cause'][k]:.3f} → {d['rude_after_by_cause'][k]:.3f}" for k in ("rude", "evasive"))
               + " (evasive: the first answer names no value of the asked attribute, e.g. it answers another question).",
               f"C-Eval answer key: {', '.join(f'{k} {v:.0%}' for k, v in c['letter_shares'].items())}; the best constant "
-              f"letter scores {c['baseline']:.3f}.", "",
-              "## Targets", "", "| measure | value | target | and beats | met |", "|---|---|---|---|---|"]
+              f"letter scores {c['baseline']:.3f}. The letter form asks the model to bind an option's text to its "
+              "letter, which models this small do not learn; the cloze form scores the options' own text, so it shows "
+              "whether the knowledge is there.", "",
+              "## Targets", "", "| measure | value | target | and | met |", "|---|---|---|---|---|"]
     for t in report["targets"]:
         lines.append(f"| {t['measure']} | {t['value']:.3f} | {t['target']} | {t['versus'] or '–'} | "
                      f"{'yes' if t['met'] else 'NO'} |")
+    lines += ["", "## A conversation with the final model (greedy)", "", "| you | MiniMind |", "|---|---|"]
+    for item in s["transcript"]:
+        for q, a in zip(item["turns"], item["answers"]):
+            lines.append(f"| {_text(q, 60)} | {_text(a)} |")
     lines += ["", "## The seed's demo questions (a sanity check: they are paraphrases of SFT questions)", "",
-              "| question | before SFT | after SFT | after DPO |", "|---|---|---|---|"]
+              "| question | " + " | ".join(CHAT_STAGES) + " |", "|---|" + "---|" * len(CHAT_STAGES)]
     for q in s["demo_questions"]:
-        cell = lambda t: t.replace("\n", " ").replace("|", "/")[:60]
-        lines.append(f"| {q['question']} | {cell(q['before_sft'])} | {cell(q['after_sft'])} | {cell(q['after_dpo'])} |")
-    right = s["demo_questions_correct"]
-    lines += ["", "First answers holding every expected keyword: " +
-              ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in right.items()), "", "## What these numbers cannot show", ""]
+        lines.append(f"| {q['question']} | " + " | ".join(_text(q[st], 40) for st in CHAT_STAGES) + " |")
+    lines += ["", "## What these numbers cannot show", ""]
     lines += [f"- {k}: {v}" for k, v in report["limits"].items()]
     lines += ["", "![loss curves](report_losses.png)", "", "![effects](report_effects.png)", ""]
     md = "\n".join(lines)
@@ -250,7 +312,7 @@ def plot(report, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     s = report["stages"]
-    names = ["pretrain", "sft", "sft_multi", "lora", "dpo"]
+    names = ["pretrain", *CHAT_STAGES]
     fig, axes = plt.subplots(1, len(names), figsize=(15, 3))
     for ax, name in zip(axes, names):
         steps, losses = zip(*s[name]["curve"])
@@ -263,18 +325,21 @@ def plot(report, out):
     atomic_write(out / "report_losses.png", lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
 
-    p, f, m, l, d, c = (s[k] for k in ("pretrain", "sft", "sft_multi", "lora", "dpo", "ceval_demo"))
+    p, f, m, l, d, c, z = (s[k] for k in ("pretrain", "sft", "sft_multi", "lora", "dpo", "ceval_demo", "final"))
     # (label, before, after, the trivial baseline of that bar)
     bars = [("fact completion", None, p["fact_accuracy"], p["fact_baseline"]),
             ("new wording", None, p["fact_accuracy_new_wording"], p["fact_baseline"]),
             ("SFT held-out QA", f["heldout_accuracy_before_sft"], f["heldout_accuracy"], f["heldout_baseline"]),
             ("retention", p["fact_accuracy_heldout_entities"], f["retention"], f["retention_baseline"]),
             ("follow-ups", m["followup_before"], m["followup_after"], m["followup_baseline"]),
+            ("abstention", None, f["abstention"], None),
             ("LoRA identity", l["identity_before"], l["identity_after"], None),
             ("DPO preference", d["pref_acc_before"], d["pref_acc_after"], d["pref_baseline_longer_or_shorter"]),
             ("rude/evasive", d["rude_before"], d["rude_after"], None),
-            ("demo C-Eval", None, c["accuracy"], c["baseline"])]
-    fig, ax = plt.subplots(figsize=(12, 3.6))
+            ("final: held-out QA", None, z["heldout_accuracy"], z["heldout_baseline"]),
+            ("C-Eval cloze", None, c["cloze_accuracy"], c["baseline"]),
+            ("C-Eval letter", None, c["letter_accuracy"], c["baseline"])]
+    fig, ax = plt.subplots(figsize=(14, 3.8))
     for i, (label, before, after, base) in enumerate(bars):
         if before is not None:
             ax.bar(i - 0.2, before, width=0.4, color="tab:blue", label="before" if i == 2 else None)

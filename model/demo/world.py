@@ -759,6 +759,33 @@ def dpo_pairs(world, rng, split, n):
     return pairs
 
 
+ABSTAIN_MULTI_SHARE, ABSTAIN_LORA_ANCHORS, ABSTAIN_DPO_SHARE = 0.1, 24, 0.1
+
+
+def abstain_everywhere(world, rng, seed, single, multi, lora, dpo):
+    """Out-of-world questions answered with "I don't know / can't do that" in every tuning set, so each later stage
+    keeps what SFT taught: SFT rows, a turn in some multi-turn chats, some of LoRA's anchors, and DPO pairs that prefer the
+    abstention to a confident made-up fact (the hallucination a small model falls into)."""
+    from . import unknowns as U
+    rows = U.abstain_rows(world, seed, False)
+    single += [{"conversations": chat(q, a)} for q, a, _, _ in rows]
+    for conv in rng.sample(multi, round(len(multi) * ABSTAIN_MULTI_SHARE)):
+        q, a, _, _ = rng.choice(rows)
+        turns = conv["conversations"]
+        system = int(turns[0]["role"] == "system")
+        at = system + 2 * rng.randrange((len(turns) - system) // 2 + 1)  # between two exchanges, or at either end
+        turns[at:at] = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    anchors = [i for i, r in enumerate(lora) if IDENTITY_KEYWORD not in r["conversations"][-1]["content"]]
+    for i, (q, a, _, _) in zip(rng.sample(anchors, ABSTAIN_LORA_ANCHORS), rng.sample(rows, ABSTAIN_LORA_ANCHORS)):
+        lora[i] = {"conversations": chat(q, a)}  # some ordinary anchors become abstentions that keep their answer
+    facts = entity_qas(world, "sft")
+    for _ in range(round(len(dpo) * ABSTAIN_DPO_SHARE)):
+        q, a, lang, _ = rng.choice(rows)
+        etype, attr, e, _, _ = rng.choice([f for f in facts if f[3] == lang])
+        dpo.append({"chosen": chat(q, a), "rejected": chat(q, canonical_answer(etype, attr, lang, e)), "kind": "abstain"})
+    rng.shuffle(dpo)
+
+
 def fact_row(etype, attr, lang, e, **fields):
     """What every fact-answer evaluation row carries: the expected value and what it is about."""
     return {**fields, "answer": e["attrs"][attr][lang], "lang": lang, "type": etype, "attr": attr,
@@ -849,6 +876,7 @@ def check_names_are_private():
 def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25, en_frac=0.25, mcq_drills=4,
              rounds=1, mcq_pages=False, repo_root="."):
     """Write the demo world into out_dir; returns the manifest (also written as manifest.json)."""
+    from . import unknowns as U
     world = build_world(seed, n_entities, heldout_frac, en_frac)
     check_names_are_private()
     rng = lambda name: random.Random(f"minimind-demo-{name}-{seed}")  # one stream per file: edits stay local
@@ -859,6 +887,7 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
     single, multi = sft_files(world, rng("sft"), mcq_drills)
     lora, eval_lora = lora_files(world, rng("lora"))
     dpo = dpo_pairs(world, rng("dpo"), "sft", max(300, len(entity_qas(world, "sft")) // 4))
+    abstain_everywhere(world, rng("abstain"), seed, single, multi, lora, dpo)
     eval_dpo = dpo_pairs(world, rng("eval-dpo"), "heldout", max(200, len(entity_qas(world, "heldout")) // 2))
     ev = eval_files(world, rng("eval"))
     files = {
@@ -879,6 +908,9 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
         "eval_dpo": ("eval_dpo.jsonl", _jsonl(eval_dpo)),
         "eval_style": ("eval_style.jsonl", _jsonl(ev["style"])),
         "eval_demo_questions": ("eval_demo_questions.jsonl", _jsonl(ev["demo"])),
+        "eval_abstain": ("eval_abstain.jsonl", _jsonl({"prompt": q, "lang": lang, "kind": kind}
+                                                      for q, _, lang, kind in U.abstain_rows(world, seed, True))),
+        "eval_open": ("eval_open.jsonl", _jsonl(U.open_prompts(world, rng("eval-open")))),
     }
     for subject, rows in ev["ceval"].items():
         files[f"ceval:{subject}"] = (f"ceval/{subject}_val.csv", _csv(rows))
