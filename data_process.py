@@ -15,7 +15,8 @@ def demo(args):
     t0 = time.time()
     try:
         m = generate(args.out, seed=args.seed, n_entities=args.n_entities, heldout_frac=args.heldout_frac,
-                     en_frac=args.en_frac, mcq_drills=args.mcq_drills, rounds=args.rounds, repo_root=ROOT)
+                     en_frac=args.en_frac, mcq_drills=args.mcq_drills, rounds=args.rounds,
+                     followup_pages=args.followup_pages, repo_root=ROOT)
     except ValueError as e:
         sys.exit(f"data_process.py demo: {e}")
     for name, size in m["sizes"].items():
@@ -60,6 +61,9 @@ def main(argv=None):
     d.add_argument("--rounds", type=int, default=1,
                    help="times the pretraining text states every fact, each time in a fresh order (demo.py: 30)")
     d.add_argument("--mcq_drills", type=int, default=4, help="multiple-choice SFT drills per SFT fact")
+    d.add_argument("--followup_pages", type=float, default=0.0,
+                   help="per round, the share of SFT entities that also get a pretraining page of questions in a row, "
+                        "all but the first naming the entity by a pronoun")
 
     def io_args(q, kind):
         q.add_argument("--input", required=True, help="raw file: JSONL, or a JSON array" if kind != "pretrain" else "raw JSONL")

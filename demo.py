@@ -25,6 +25,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=30,
                    help="times the pretraining text states every fact, each time in fresh orders and lead-ins")
     p.add_argument("--mcq_drills", type=int, default=1, help="multiple-choice drills per SFT fact")
+    p.add_argument("--followup_pages", type=float, default=0.0,
+                   help="share of SFT entities per round whose questions also appear in a row in pretraining, the "
+                        "later ones by pronoun (see data_process.py demo --followup_pages)")
     p.add_argument("--vocab_size", type=int, default=2000, help="size of the tokenizer trained on the demo text")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--n_layers", type=int, default=4)
@@ -118,6 +121,7 @@ def run_logged(cmd, log, label):
             *pieces, pending = pending.replace(b"\r\n", b"\n").split(b"\n")
             for piece in pieces:  # complete lines: the bar's redraws (before a \r) are not kept in the log
                 f.write(piece.split(b"\r")[-1].decode("utf-8", "replace") + "\n")
+            f.flush()
             if live and b"\r" in pending:
                 bar = pending.split(b"\r")[-2 if pending.endswith(b"\r") else -1].decode("utf-8", "replace")
                 sys.stdout.write(f"\r{label} {bar.strip()}"[:shutil.get_terminal_size().columns - 1] + "\x1b[K")
@@ -148,7 +152,8 @@ def main():
     pipe = Pipeline(args)
     out, data = pipe.out, Path(args.data)
     pipe.stage("data", ["data_process.py", "demo", "--out", data, "--seed", args.seed, "--n_entities", args.n_entities,
-                        "--rounds", max(1, round(args.rounds * args.scale)), "--mcq_drills", args.mcq_drills])
+                        "--rounds", max(1, round(args.rounds * args.scale)), "--mcq_drills", args.mcq_drills,
+                        "--followup_pages", args.followup_pages])
     manifest = json.loads((data / "manifest.json").read_text())
     files = {role: data / Path(path).name for role, path in manifest["files"].items()}
 

@@ -160,6 +160,9 @@ def run(main):
     try:
         main()
     except (TrainError, CheckpointError, DataError, OSError) as e:
+        from tqdm import tqdm
+        for bar in list(tqdm._instances):  # a progress bar cut short: the error starts its own line
+            bar.close()
         print(f"error: {first_line(e, 1000)}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -74,3 +74,40 @@ def test_dpo_prefers_the_chosen_answers_and_stops_being_rude(report):
     assert dpo["pref_acc_after"] >= dpo["pref_baseline_longer_or_shorter"] + 0.1
     assert dpo["rude_after"] <= dpo["rude_before"] - 0.3
 
+
+
+def test_the_final_model_is_the_chain_end_and_keeps_every_lesson(report):
+    folder, r = report
+    s = r["stages"]
+    final = s["final"]
+    assert Path(final["checkpoint"]).name == "rl_128.pth" and Path(final["checkpoint"]).is_file()
+    for key in ("heldout_accuracy", "followup", "identity", "leak_rate", "rude_rate", "abstention", "wrong_abstention",
+                "loop_rate", "demo_questions"):
+        for stage in ("sft", "sft_multi", "lora", "dpo", "final"):
+            assert f"{key}_n" in s[stage] and len(s[stage][f"{key}_ci95"]) == 2, (stage, key)
+    assert final["heldout_accuracy"] >= final["heldout_baseline"] + 0.3
+    assert final["heldout_accuracy"] >= s["sft"]["heldout_accuracy"] - 0.15
+    assert final["followup"] >= s["sft"]["followup"] + 0.15  # the multi-turn lesson survives LoRA and DPO
+    assert final["identity"] >= s["sft_multi"]["identity"] + 0.7 and final["leak_rate"] <= 0.1
+    assert final["rude_rate"] <= s["sft_multi"]["rude_rate"] - 0.3
+
+
+def test_it_says_what_it_does_not_know(report):
+    s = report[1]["stages"]
+    for stage in ("sft", "final"):  # an always-abstain rule would score 1.0 on both: both must hold
+        assert s[stage]["abstention"] >= 0.6, stage
+        assert s[stage]["wrong_abstention"] <= 0.2, stage
+
+
+def test_loops_are_rare_and_the_transcript_is_in_the_report(report):
+    folder, r = report
+    assert r["stages"]["final"]["loop_rate"] <= 0.15
+    assert len(r["stages"]["transcript"]) >= 10
+    md = (folder / "report.md").read_text(encoding="utf-8")
+    assert "A conversation with the final model" in md and "你好，你是谁？" in md
+
+
+def test_ceval_both_methods(report):
+    c = report[1]["stages"]["ceval_demo"]
+    assert c["letter_accuracy_n"] >= 200 and c["cloze_accuracy_n"] == c["letter_accuracy_n"]
+    assert c["cloze_accuracy"] >= c["baseline"] + 0.15  # the knowledge is there when the options' text is scored

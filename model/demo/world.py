@@ -563,7 +563,18 @@ def completion_prompts(etype, attr, lang, e):
             ("new_wording", statement(etype, attr, lang, plan["held"], e)[1])]
 
 
-def pretrain_docs(world, rng, rounds, mcq_pages=False):
+def followup_page(rng, etype, e, lang):
+    """Questions about one SFT entity in a row, all but the first naming it by a pronoun only, as a forum thread
+    has them: the text where pretraining meets "the entity of the earlier question"."""
+    pairs = []
+    for i, attr in enumerate(rng.sample(attrs_of(etype), len(attrs_of(etype)))):
+        k = rng.randrange(len(SCHEMA[etype][attr]["q_" + lang]))
+        q = question(etype, attr, lang, k, e) if i == 0 else followup_question(etype, attr, lang, k)
+        pairs.append(QA_FORM[lang].format(q=q, a=canonical_answer(etype, attr, lang, e)))
+    return "\n".join(pairs)
+
+
+def pretrain_docs(world, rng, rounds, mcq_pages=False, followup_share=0.0):
     """(statements, question-answer pages), `rounds` times over. A round states every fact once in each of its
     trained wordings: per entity one short biography per wording, its sentences in random order, each behind a
     random lead-in or none, so no fact can be learnt as one fixed sequence of words. The pages are
@@ -588,6 +599,15 @@ def pretrain_docs(world, rng, rounds, mcq_pages=False):
             pairs = list(pairs)
             rng.shuffle(pairs)
             pages += ["\n".join(pairs[i:i + QA_PER_PAGE]) for i in range(0, len(pairs), QA_PER_PAGE)]
+        if followup_share:
+            for etype in TYPES:
+                for e in world["entities"][etype]:
+                    for lang in languages(e) if e["split"] == "sft" else ():
+                        if rng.random() < followup_share:
+                            page = followup_page(rng, etype, e, lang)
+                            if not any(prompt in page for a in attrs_of(etype)
+                                       for _, prompt in completion_prompts(etype, a, lang, e)):
+                                pages.append(page)
         for etype in TYPES:
             for e in world["entities"][etype]:
                 for lang in languages(e):
@@ -874,13 +894,13 @@ def check_names_are_private():
 
 
 def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25, en_frac=0.25, mcq_drills=4,
-             rounds=1, mcq_pages=False, repo_root="."):
+             rounds=1, mcq_pages=False, followup_pages=0.0, repo_root="."):
     """Write the demo world into out_dir; returns the manifest (also written as manifest.json)."""
     from . import unknowns as U
     world = build_world(seed, n_entities, heldout_frac, en_frac)
     check_names_are_private()
     rng = lambda name: random.Random(f"minimind-demo-{name}-{seed}")  # one stream per file: edits stay local
-    statements, pages = pretrain_docs(world, rng("pretrain"), rounds, mcq_pages)
+    statements, pages = pretrain_docs(world, rng("pretrain"), rounds, mcq_pages, followup_pages)
     pretrain = [{"text": t} for t in statements + pages]
     rng("pretrain-order").shuffle(pretrain)
     first_round = statements[:len(statements) // rounds]
@@ -936,7 +956,8 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
         "name": "MiniMind demo world",
         "seed": seed,
         "params": {"n_entities": n_entities, "heldout_frac": heldout_frac, "en_frac": en_frac,
-                   "mcq_drills": mcq_drills, "rounds": rounds, "mcq_pages": mcq_pages},
+                   "mcq_drills": mcq_drills, "rounds": rounds, "mcq_pages": mcq_pages,
+                   "followup_pages": followup_pages},
         "files": {role: rel(name) for role, (name, _) in files.items() if not role.startswith("ceval:")},
         "sizes": sizes,
         "english_share_of_pretrain": {"rows": round(len(pre_en) / len(pretrain), 3),
