@@ -472,6 +472,30 @@ class DPODataset(_JsonlDataset):
         return item
 
 
+class PromptDataset(_JsonlDataset):
+    """JSONL {"conversations": [..., user], "answer": ...} for RL: item = the prompt's token ids (ending with the
+    assistant header) and the row itself, which the reward checks the model's answers against."""
+
+    kind = "grpo"
+
+    def __init__(self, path, tokenizer, max_length=512):
+        super().__init__(path, tokenizer, max_length)
+        self.encoder = ChatEncoder(tokenizer)
+
+    def __getitem__(self, i):
+        row = self.record(i)
+        try:
+            msgs = check_messages(row.get("conversations"), "conversations", last="user")
+        except BadRecord as e:
+            raise self.error(i, e.problem) from None
+        if "answer" not in row:
+            raise self.error(i, "missing field 'answer' (what the reward checks the model's answer against)")
+        ids, _ = self.encoder(msgs, self.max_length)
+        if len(ids) >= self.max_length:
+            raise self.error(i, f"the prompt fills all {self.max_length} tokens of --max_seq_len: no room to answer")
+        return {"prompt_ids": ids, "row": row}
+
+
 def collate_pad(batch):
     """Right-pad every *input_ids (with 0) and *labels (with -100) to the batch's longest; add masks."""
     out = {}
