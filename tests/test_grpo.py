@@ -251,3 +251,41 @@ def test_kill9_mid_group_then_resume_reproduces_the_uninterrupted_run(tmp_path, 
     assert losses(killed / "grpo_64.metrics.jsonl") == losses(whole / "grpo_64.metrics.jsonl")
     assert losses(killed / "grpo_64.metrics.jsonl", "reward") == losses(whole / "grpo_64.metrics.jsonl", "reward")
     assert max_weight_diff(killed / "grpo_64.pth", whole / "grpo_64.pth") == 0
+
+
+# ----------------------------------------------------------------------------- the demo's task
+
+def test_demo_task_trains_on_sft_entities_and_measures_on_held_out_ones(tmp_path, tokenizer):
+    from model.demo import world as W
+    from model.demo.grpo_task import write_prompts
+    world = W.build_world(seed=3, n_entities=64)
+    files = write_prompts(world, tmp_path)
+    train, held = ([json.loads(l) for l in open(files[role], encoding="utf-8")] for role in ("grpo", "eval_grpo"))
+    assert {r["split"] for r in train} == {"sft"} and {r["split"] for r in held} == {"heldout"}
+    assert not {r["entity"] for r in train} & {r["entity"] for r in held}
+    assert len(train) == len(W.entity_qas(world, "sft"))  # every wording of every SFT question
+    assert len({(r["entity"], r["attr"], r["lang"]) for r in held}) == len(held)  # one wording per fact
+    for r in train[:20] + held[:20]:
+        assert answer_reward(f"{r['answer']}。", r) == 1.0
+        rival = next(c for c in r["competitors"] if c not in r["answer"] and r["answer"] not in c)
+        assert answer_reward(f"{rival}。", r) == 0.0
+    assert len(PromptDataset(files["grpo"], tokenizer)[0]["prompt_ids"]) > 5
+
+
+def test_pass_at_k_estimate_by_hand():
+    from model.demo.grpo_task import pass_at
+    assert pass_at(8, 2, 1) == pytest.approx(0.25)
+    assert pass_at(8, 2, 4) == pytest.approx(1 - 15 / 70)  # C(6,4) / C(8,4) draws miss both right answers
+    assert (pass_at(8, 0, 8), pass_at(8, 1, 8)) == (0.0, 1.0)
+
+
+def test_pass_at_k_samples_through_the_engine(paths, tokenizer):
+    from model.demo.grpo_task import pass_at_k
+    model = load_model(paths[0])
+    rows = [{"conversations": [{"role": "user", "content": "长江有多长？"}], "answer": "6300"},
+            {"conversations": [{"role": "user", "content": "Hello"}], "answer": "Everest"}]
+    got = pass_at_k(model, tokenizer, rows, k=4, n=6, temperature=1.0, batch=8)
+    assert got["greedy"]["value"] == 0.5 and got["pass1"]["n"] == got["pass4"]["n"] == 2
+    assert 0 < got["pass1"]["value"] <= got["pass4"]["value"] <= 0.5
+    assert got["examples"][1]["right_of_n"] == 0
+    assert pass_at_k(model, tokenizer, rows, k=4, n=6, temperature=1.0, batch=8) == got  # seeded
