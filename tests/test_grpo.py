@@ -220,18 +220,23 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.slow
-def test_kill9_mid_group_then_resume_reproduces_the_uninterrupted_run(tmp_path, paths):
-    from test_training import ENV, losses, max_weight_diff, run
+def stage_args(tmp_path, paths, batch_size):
+    """6-grpo_train.py on the tiny chat model, with prompts it answers right some of the time at temperature 1.25."""
     rows = [{"conversations": [{"role": "user", "content": q}], "answer": a}
             for q, a in [("长江有多长？", "6300"), ("世界上最高的山是什么？", "珠穆朗玛峰"), ("你好", "MiniMind"),
                          ("数一数", "十")]]
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    args = ["6-grpo_train.py", "--init", str(paths[0]), "--tokenizer", str(paths[1]), "--data_path", str(data),
-            "--device", "cpu", "--dtype", "float32", "--max_seq_len", "96", "--batch_size", "2",
+    return ["6-grpo_train.py", "--init", str(paths[0]), "--tokenizer", str(paths[1]), "--data_path", str(data),
+            "--device", "cpu", "--dtype", "float32", "--max_seq_len", "96", "--batch_size", str(batch_size),
             "--num_generations", "4", "--max_new_tokens", "20", "--temperature", "1.25", "--learning_rate", "1e-3",
             "--mu", "2", "--epochs", "2", "--save_interval", "3"]
+
+
+@pytest.mark.slow
+def test_kill9_mid_group_then_resume_reproduces_the_uninterrupted_run(tmp_path, paths):
+    from test_training import ENV, losses, max_weight_diff, run
+    args = stage_args(tmp_path, paths, batch_size=2)
     whole = tmp_path / "whole"
     run([sys.executable, *args, "--out_dir", str(whole)])
     rows = [json.loads(l) for l in (whole / "grpo_64.metrics.jsonl").read_text().splitlines()]
@@ -251,6 +256,20 @@ def test_kill9_mid_group_then_resume_reproduces_the_uninterrupted_run(tmp_path, 
     assert losses(killed / "grpo_64.metrics.jsonl") == losses(whole / "grpo_64.metrics.jsonl")
     assert losses(killed / "grpo_64.metrics.jsonl", "reward") == losses(whole / "grpo_64.metrics.jsonl", "reward")
     assert max_weight_diff(killed / "grpo_64.pth", whole / "grpo_64.pth") == 0
+
+
+@pytest.mark.slow
+def test_torchrun_and_deepspeed_roll_out_and_train_alike(tmp_path, paths):
+    """Two processes, each sampling its own prompts' groups: DDP and DeepSpeed ZeRO-2 give the same run."""
+    from test_training import DEEPSPEED, TORCHRUN, free_port, losses, max_weight_diff, run
+    args = stage_args(tmp_path, paths, batch_size=1) + ["--max_steps", "4"]
+    run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), *args, "--out_dir", str(tmp_path / "ddp")])
+    run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *args, "--deepspeed", "2",
+         "--out_dir", str(tmp_path / "ds")])
+    ddp, ds = (tmp_path / d / "grpo_64.metrics.jsonl" for d in ("ddp", "ds"))
+    assert losses(ddp, "reward") == losses(ds, "reward") and len(losses(ddp)) == 4
+    assert losses(ddp) == pytest.approx(losses(ds), abs=1e-6)
+    assert max_weight_diff(tmp_path / "ddp" / "grpo_64.pth", tmp_path / "ds" / "grpo_64.pth") < 1e-5
 
 
 # ----------------------------------------------------------------------------- the demo's task
