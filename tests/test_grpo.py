@@ -206,20 +206,6 @@ def test_first_step_loss_equals_trl(tmp_path, monkeypatch, paths, tokenizer, los
 
 # ----------------------------------------------------------------------------- the stage under python
 
-KILLED_AT_STEP = """
-import os, runpy, signal, sys
-from model import trainer
-real_step = trainer.Trainer._train_step
-def train_step(self, order):
-    if self.step == int(os.environ["KILL_AT"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_step(self, order)
-trainer.Trainer._train_step = train_step
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def stage_args(tmp_path, paths, batch_size):
     """6-grpo_train.py on the tiny chat model, with prompts it answers right some of the time at temperature 1.25."""
     rows = [{"conversations": [{"role": "user", "content": q}], "answer": a}
@@ -235,7 +221,7 @@ def stage_args(tmp_path, paths, batch_size):
 
 @pytest.mark.slow
 def test_kill9_mid_group_then_resume_reproduces_the_uninterrupted_run(tmp_path, paths):
-    from test_training import ENV, losses, max_weight_diff, run
+    from test_training import ENV, KILLED_AT_STEP, losses, max_weight_diff, run
     args = stage_args(tmp_path, paths, batch_size=2)
     whole = tmp_path / "whole"
     run([sys.executable, *args, "--out_dir", str(whole)])
