@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write
-from ..generate import Engine, SamplingParams, run_to_completion
+from ..generate import SamplingParams
 from ..rewards import answer_reward
 from . import world as W
-from .measure import proportion, sample
+from .measure import generate_all, proportion, sample, value_baselines
 
 TASK = "heldout_qa"
 
@@ -63,19 +63,15 @@ def pass_at_k(model, tokenizer, rows, k=8, n=None, temperature=1.0, max_new_toke
     prompt at the rollout temperature, scored by the answer reward, and the greedy answer's accuracy beside them.
     Each is a measurement (value, n, ci95) for report.put; with sft_value_counts also the trivial baselines of
     those rows (always the most common value, a random SFT entity's value)."""
-    from .measure import value_baselines
     n = n or k
     rows = sample(rows, limit)
-    engine = Engine(model, tokenizer, max_batch=batch)
     seeds = np.random.SeedSequence(seed).generate_state(len(rows) * n, dtype=np.uint64) >> np.uint64(1)
     prompts = [r["conversations"] for r in rows]
-    sampled = [engine.prepare(p, SamplingParams(temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
-                                                seed=int(seeds[i * n + j]), stop=["\n"]))
-               for i, p in enumerate(prompts) for j in range(n)]
-    greedy = [engine.prepare(p, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=["\n"]))
-              for p in prompts]
-    done = run_to_completion(engine, sampled + greedy)
-    texts = [c.text for c in done]
+    sampled = [SamplingParams(temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
+                              seed=int(seeds[i * n + j]), stop=["\n"]) for i in range(len(rows)) for j in range(n)]
+    greedy = [SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=["\n"])] * len(rows)
+    asked = [p for p in prompts for _ in range(n)] + prompts
+    texts = [c.text for c in generate_all(model, tokenizer, asked, sampled + greedy, batch)]
     right = [[answer_reward(texts[i * n + j], r) for j in range(n)] for i, r in enumerate(rows)]
     greedy_right = [answer_reward(t, r) for t, r in zip(texts[len(sampled):], rows)]
     out = {"pass1": proportion([sum(h) / n for h in right]),
