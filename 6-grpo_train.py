@@ -153,7 +153,7 @@ def main():
         raise T.TrainError(str(e)) from None
     rt = T.Runtime(args)
     policy = T.init_model(args, "rl")
-    reference = copy.deepcopy(policy).to(rt.device).eval().requires_grad_(False)
+    reference = copy.deepcopy(policy).to(rt.device).eval().requires_grad_(False) if args.beta else None
     from model.dataset import PromptDataset
     tokenizer = T.load_tokenizer(args, policy)
     dataset = PromptDataset(args.data_path, tokenizer, max_length=args.max_seq_len)

@@ -22,6 +22,8 @@ def expected_answers(row):
 def final_text(completion):
     """What the user reads as the answer: the text after the last closing markup tag (thinking, tool call or tool
     response), so a value named while thinking or in a tool call does not count as the answer."""
+    if THINK[0] in completion and THINK[1] not in completion:
+        return ""  # still thinking: no answer yet
     ends = [completion.rfind(close) + len(close) for _, close in (THINK, TOOL_CALL, TOOL_RESPONSE) if close in completion]
     return completion[max(ends):].lstrip() if ends else completion
 

@@ -75,6 +75,7 @@ def test_answer_reward_is_the_demos_first_answer_match():
     assert answer_reward("长江全长约5464公里。其实是6300。", row) == 0.0  # a later right phrase after a wrong one
     assert answer_reward("63000公里", row) == 0.0  # a whole term, not a piece of a longer number
     assert answer_reward("<think>是5464还是6300？</think>长江约6300公里。", row) == 1.0  # thinking is not the answer
+    assert answer_reward("<think>长江约6300公里。", row) == 0.0  # nor is an unfinished thought
     assert answer_reward("about 6300 or 5464", row) == 0.0  # naming a rival value too
     assert answer_reward("It is red.", {"answer": ["red", "crimson"]}) == 1.0
 
