@@ -61,11 +61,12 @@ def scored_batch(policy, reference, prompts, completions, rewards, args, autocas
     device = next(policy.parameters()).device
     batch = {"input_ids": input_ids.to(device), "labels": labels.to(device), "rewards": rewards.to(device),
              "advantages": group_advantages(rewards, args.num_generations, args.loss_type != "dr_grpo").to(device)}
+    scores = lambda model: token_logps(model, batch["input_ids"], batch["labels"], autocast, args.temperature)[0]
     with torch.no_grad():
         if args.mu > 1:
-            batch["old_logps"] = token_logps(policy, batch["input_ids"], batch["labels"], autocast, args.temperature)[0]
+            batch["old_logps"] = scores(policy)
         if args.beta:
-            batch["ref_logps"] = token_logps(reference, batch["input_ids"], batch["labels"], autocast, args.temperature)[0]
+            batch["ref_logps"] = scores(reference)
     return batch
 
 

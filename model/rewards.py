@@ -24,7 +24,8 @@ def final_text(completion):
     response), so a value named while thinking or in a tool call does not count as the answer."""
     if THINK[0] in completion and THINK[1] not in completion:
         return ""  # still thinking: no answer yet
-    ends = [completion.rfind(close) + len(close) for _, close in (THINK, TOOL_CALL, TOOL_RESPONSE) if close in completion]
+    ends = [completion.rfind(close) + len(close) for _, close in (THINK, TOOL_CALL, TOOL_RESPONSE)
+            if close in completion]
     return completion[max(ends):].lstrip() if ends else completion
 
 
