@@ -22,12 +22,13 @@ class CheckpointError(Exception):
 
 # which stage script writes which weights prefix (the seed's file names; the demo uses the same)
 STAGE_SCRIPTS = {"pretrain": "1-pretrain.py", "full_sft": "3-full_sft.py", "lora": "4-lora_sft.py",
-                 "rl": "5-dpo_train.py", "dpo": "5-dpo_train.py"}
+                 "rl": "5-dpo_train.py", "dpo": "5-dpo_train.py", "grpo": "6-grpo_train.py"}
 
 
 def weights_name(prefix, shape):
     """The seed's file name of a stage's weights, `{prefix}_{dim}[_moe].pth` (pretrain_512.pth,
-    full_sft_512_moe.pth, rl_512.pth, ...). `shape` is a config or parsed flags (dim None: 512; use_moe None: dense)."""
+    full_sft_512_moe.pth, rl_512.pth, grpo_512.pth, ...). `shape` is a config or parsed flags (dim None: 512;
+    use_moe None: dense)."""
     return f"{prefix}_{shape.dim or 512}{'_moe' if shape.use_moe else ''}.pth"
 
 

@@ -35,6 +35,7 @@ MAKE_COMMANDS = {
     "tokenizer": "python data_process.py tokenizer --input RAW.jsonl --output {path}",
     "sft": "python data_process.py sft --input RAW.jsonl --output {path} [--multi-turn]",
     "dpo": "python data_process.py dpo --input RAW.json --output {path}",
+    "grpo": "JSONL rows {{\"conversations\": [... ending with the user], \"answer\": ...}} written to {path}",
 }
 
 
@@ -251,8 +252,9 @@ def field(obj, name, kind, required=True):
     return value
 
 
-def check_messages(msgs, name):
-    """Validate a chat: optional system first, then user/assistant alternating, ending with assistant."""
+def check_messages(msgs, name, last="assistant"):
+    """Validate a chat: optional system first, then user/assistant alternating, ending with `last` (a prompt for
+    the model to answer ends with the user)."""
     if not isinstance(msgs, list) or not msgs:
         raise BadRecord(f"field '{name}' must be a non-empty list of messages")
     out = []
@@ -269,8 +271,8 @@ def check_messages(msgs, name):
     for i, m in enumerate(turns):
         if m["role"] != ("user", "assistant")[i % 2]:
             raise BadRecord(f"{name}: expected user/assistant turns alternating after an optional system message")
-    if not turns or turns[-1]["role"] != "assistant":
-        raise BadRecord(f"{name}: the last message must be the assistant's")
+    if not turns or turns[-1]["role"] != last:
+        raise BadRecord(f"{name}: the last message must be the {last}'s")
     return out
 
 

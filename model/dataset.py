@@ -271,6 +271,13 @@ class _JsonlDataset(Dataset):
                                     "(half of a character)") from None
         return obj
 
+    def chat(self, i, messages, name, last="assistant"):
+        """The chat of record i, checked (see convert.check_messages); a problem names the file and line."""
+        try:
+            return check_messages(messages, name, last)
+        except BadRecord as e:
+            raise self.error(i, e.problem) from None
+
 
 def _tensors(**lists):
     return {k: torch.tensor(v, dtype=torch.long) for k, v in lists.items()}
@@ -415,14 +422,21 @@ def _parse_history(text):
         return ast.literal_eval(text)
 
 
-class SFTDataset(_JsonlDataset):
+class _ChatDataset(_JsonlDataset):
+    """A dataset of chats, encoded in the chat format."""
+
+    def __init__(self, path, tokenizer, max_length=512):
+        super().__init__(path, tokenizer, max_length)
+        self.encoder = ChatEncoder(tokenizer)
+
+
+class SFTDataset(_ChatDataset):
     """Chats from JSONL {"conversations": [...]} or CSV (history, q, a); loss on assistant tokens only."""
 
     kind = "sft"
 
     def __init__(self, path, tokenizer, max_length=512):
         super().__init__(path, tokenizer, max_length)
-        self.encoder = ChatEncoder(tokenizer)
         if self.index.is_csv:
             self.columns = self.index.header()
             missing = {"q", "a"} - set(self.columns)
@@ -440,36 +454,43 @@ class SFTDataset(_JsonlDataset):
                 return msgs
             except (UnicodeDecodeError, ValueError, SyntaxError, KeyError, TypeError, StopIteration) as e:
                 raise self.error(i, f"unreadable CSV record ({e.__class__.__name__}: {e})") from None
-        try:
-            return check_messages(self.record(i).get("conversations"), "conversations")
-        except BadRecord as e:
-            raise self.error(i, e.problem) from None
+        return self.chat(i, self.record(i).get("conversations"), "conversations")
 
     def __getitem__(self, i):
         ids, labels = self.encoder(self.messages(i), self.max_length)
         return _tensors(input_ids=ids, labels=labels)
 
 
-class DPODataset(_JsonlDataset):
+class DPODataset(_ChatDataset):
     """JSONL {"chosen": [msgs], "rejected": [msgs]} sharing a prompt; labels only on the final answer."""
 
     kind = "dpo"
-
-    def __init__(self, path, tokenizer, max_length=512):
-        super().__init__(path, tokenizer, max_length)
-        self.encoder = ChatEncoder(tokenizer)
 
     def __getitem__(self, i):
         obj = self.record(i)
         item = {}
         for side in ("chosen", "rejected"):
-            try:
-                msgs = check_messages(obj.get(side), side)
-            except BadRecord as e:
-                raise self.error(i, e.problem) from None
+            msgs = self.chat(i, obj.get(side), side)
             ids, labels = self.encoder(msgs, self.max_length, last_only=True)
             item.update(_tensors(**{f"{side}_input_ids": ids, f"{side}_labels": labels}))
         return item
+
+
+class PromptDataset(_ChatDataset):
+    """JSONL {"conversations": [..., user], "answer": ...} for RL: item = the prompt's token ids (ending with the
+    assistant header) and the row itself, which the reward checks the model's answers against."""
+
+    kind = "grpo"
+
+    def __getitem__(self, i):
+        row = self.record(i)
+        msgs = self.chat(i, row.get("conversations"), "conversations", last="user")
+        if "answer" not in row:
+            raise self.error(i, "missing field 'answer' (what the reward checks the model's answer against)")
+        ids, _ = self.encoder(msgs, self.max_length)
+        if len(ids) >= self.max_length:
+            raise self.error(i, f"the prompt fills all {self.max_length} tokens of --max_seq_len: no room to answer")
+        return {"prompt_ids": ids, "row": row}
 
 
 def collate_pad(batch):

@@ -441,6 +441,12 @@ class Engine:
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
         self.last = None  # Completion of the latest stream() / complete()
 
+    def refresh(self):
+        """Read the model's weights again (after training changed them): the fast decoder works on copies."""
+        self.model.eval()
+        if self.decoder:
+            self.decoder = FastDecoder(self.model)
+
     def encode(self, prompt):
         if isinstance(prompt, str):
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -613,6 +619,21 @@ class Engine:
         for _ in self.stream(prompt, params, **overrides):
             pass
         return self.last
+
+
+def run_to_completion(engine, requests):
+    """Finish prepared requests, as many in flight at once as the engine has slots: each free slot is filled in
+    order, the prompts that join together are prefilled in one forward, and each step decodes every row."""
+    waiting = list(requests)
+    with torch.no_grad():
+        while waiting or engine.active:
+            room = engine.max_batch - len(engine.active)
+            if waiting and room:
+                engine.add_many(waiting[:room])
+                del waiting[:room]
+            if engine.active:
+                engine.step()
+    return [r.result() for r in requests]
 
 
 def single_torch_thread():

@@ -311,15 +311,21 @@ def causal_lm_loss(logits, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE)
 
 
-def sequence_logps(model, input_ids, labels, autocast):
-    """Sum of log-probabilities of the target tokens of each sequence (DPO's scores, and the demo's)."""
+def token_logps(model, input_ids, labels, autocast, temperature=1.0):
+    """Log-probability of each next-token target under the model's distribution at `temperature`, with the
+    target mask: two (B, T-1) tensors (RL's per-token scores; summed, DPO's)."""
     with autocast:
         logits = model(input_ids=input_ids).logits
     targets = next_token_targets(labels)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
     mask = targets != IGNORE
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
+    return picked * mask, mask
+
+
+def sequence_logps(model, input_ids, labels, autocast):
+    """Sum of log-probabilities of the target tokens of each sequence (DPO's scores, and the demo's)."""
+    return token_logps(model, input_ids, labels, autocast)[0].sum(-1)
 
 
 def pad_cat(a, b, value=0):

@@ -306,18 +306,33 @@ def read_metrics(path, say=None):
 
 # ----------------------------------------------------------------------------- the engine
 
+def rollout_seed(seed, step, rank, micro):
+    """The sampling seed of one micro-batch's rollouts: fixed by the run's seed, the step, the rank and the
+    micro-batch, so a resumed run samples what the uninterrupted one did."""
+    return int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 class Trainer:
-    """Runs one stage. The stage script provides the model, the dataset, the loss and what to save."""
+    """Runs one stage. The stage script provides the model, the dataset, the loss and what to save.
+
+    Reinforcement learning plugs in rollout_fn(model, batch, seed) -> batch: it turns a collated micro-batch of
+    prompts into a training batch with the model as it is now (sampled answers, rewards, advantages), seeded by
+    rollout_seed. Each batch of rollouts is trained on for `reuse` optimizer steps (GRPO's mu); a state saved
+    between them keeps the rollouts, so a resumed run goes on with the same ones."""
 
     def __init__(self, args, runtime, model, dataset, collate, out_weights, *, loss_fn=token_loss,
-                 count_fn=token_count, trainable=None, save_fn=save_weights, metric_names=()):
+                 count_fn=token_count, trainable=None, save_fn=save_weights, metric_names=(), rollout_fn=None,
+                 reuse=1, plot_keys=("loss",)):
         self.args, self.rt = args, runtime
         self.dataset, self.collate = dataset, collate
         self.loss_fn, self.count_fn = loss_fn, count_fn
+        self.rollout_fn, self.reuse = rollout_fn, reuse
+        self.pending, self.inner = None, 0  # the rollouts in use, and how many optimizer steps have used them
+        self.rollout_seconds = 0.0
         self.out_weights = Path(out_weights)
         self.stem = self.out_weights.stem
         self.save_fn = save_fn
-        self.metric_names = metric_names
+        self.metric_names, self.plot_keys = metric_names, plot_keys
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         self.states = StateFiles(args.out_dir, self.stem)
         self.metrics_path = self.out_weights.with_name(f"{self.stem}.metrics.jsonl")
@@ -335,7 +350,7 @@ class Trainer:
         self.params = params
         self.global_batch = args.batch_size * args.accumulation_steps * runtime.world_size
         self.steps_per_epoch = math.ceil(len(dataset) / self.global_batch)
-        self.total_steps = self.steps_per_epoch * args.epochs
+        self.total_steps = self.steps_per_epoch * args.epochs * reuse
         if args.max_steps is not None:
             self.total_steps = min(self.total_steps, args.max_steps)
         self.ds_engine = None
@@ -392,9 +407,12 @@ class Trainer:
         """Weights under the seed's name, plus (unless final) the full state for --resume. Rank 0 writes."""
         rt = self.rt
         rngs = [rng_state()]
+        pending = [self._cpu(self.pending)]
         if rt.distributed:
-            rngs = [None] * rt.world_size
+            rngs, pending = [None] * rt.world_size, [None] * rt.world_size
             dist.all_gather_object(rngs, rng_state())
+            if self.pending is not None:
+                dist.all_gather_object(pending, self._cpu(self.pending))
         if self.ds_engine is not None:
             self.ds_engine.save_checkpoint(str(Path(self.args.out_dir) / f"{self.stem}.deepspeed"),
                                            tag="latest_state")
@@ -408,6 +426,7 @@ class Trainer:
                 "world_size": rt.world_size, "global_batch": self.global_batch,
                 "total_steps": self.total_steps, "rng": rngs, "seed": self.args.seed,
                 "deepspeed": self.ds_engine is not None,
+                "inner": self.inner, "pending": pending if self.pending is not None else None,
             }
             try:
                 self.save_fn(self.model, self.out_weights)
@@ -444,6 +463,13 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.tokens_seen = state.get("tokens_seen", 0)
+        self.inner = state.get("inner", 0)
+        if state.get("pending") is not None and state["world_size"] == rt.world_size:
+            batches, n_samples = state["pending"][rt.rank]
+            self.pending = [(self._to_device(b), w) for b, w in batches], n_samples
+        elif self.inner:
+            rt.print(f"resume: the rollouts of step {self.step} were made by another process count; sampling anew")
+            self.inner = 0
         if state["world_size"] == rt.world_size:
             set_rng_state(state["rng"][rt.rank])
         else:
@@ -465,16 +491,30 @@ class Trainer:
 
     # -- the loop
 
+    def _to_device(self, batch):
+        return {k: v.to(self.rt.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    @staticmethod
+    def _cpu(pending):
+        if pending is None:
+            return None
+        batches, n_samples = pending
+        return [({k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()}, w) for b, w in batches], n_samples
+
     def _micro_batches(self, order):
         """This rank's micro-batches of the current step: (batch, weight) with weight 0 for padding chunks."""
         rt, a = self.rt, self.args
         chunks = step_chunks(order, self.position, self.global_batch, a.accumulation_steps * rt.world_size)
         mine = [chunks[m * rt.world_size + rt.rank] for m in range(a.accumulation_steps)]
         batches = []
-        for chunk in mine:
+        for m, chunk in enumerate(mine):
             real = len(chunk) > 0
             items = [self.dataset[i] for i in (chunk if real else order[:1].tolist())]
-            batch = {k: v.to(rt.device) if torch.is_tensor(v) else v for k, v in self.collate(items).items()}
+            batch = self._to_device(self.collate(items))
+            if self.rollout_fn is not None:
+                started = time.time()
+                batch = self.rollout_fn(self.model, batch, rollout_seed(a.seed, self.step, rt.rank, m))
+                self.rollout_seconds += time.time() - started
             batches.append((batch, 1.0 if real else 0.0))
         n_samples = sum(len(c) for c in chunks)
         return batches, n_samples
@@ -538,16 +578,19 @@ class Trainer:
 
     def _train_step(self, order):
         a, rt = self.args, self.rt
+        started, self.rollout_seconds = time.time(), 0.0
         lr = lr_at(self.step, self.total_steps, a.learning_rate, a.warmup_iters)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches, n_samples = self._micro_batches(order)
+        if self.pending is None:
+            self.pending = self._micro_batches(order)
+        batches, n_samples = self.pending
         local_count = sum(self.count_fn(b) * w for b, w in batches)
         global_count = max(rt.all_reduce_sum([local_count])[0], 1.0)
         # each micro-batch's loss is its summed loss over the global count, so gradients (averaged across
         # ranks by DDP/DeepSpeed) equal those of one process seeing the whole global batch
         scale = rt.world_size / global_count
-        sums = {"loss": 0.0}
+        sums, counts = {"loss": 0.0}, {}
         n_tokens = 0
         for i, (batch, weight) in enumerate(batches):
             last = i == len(batches) - 1
@@ -564,8 +607,11 @@ class Trainer:
                 else:
                     self.scaler.scale(loss).backward()
             sums["loss"] += float(loss_sum.detach()) * weight
-            for k, v in extra.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * weight
+            for k, v in extra.items():  # a (sum, count) pair is averaged over its own count
+                total, count = v if isinstance(v, tuple) else (v, None)
+                sums[k] = sums.get(k, 0.0) + float(total) * weight
+                if count is not None:
+                    counts[k] = counts.get(k, 0.0) + float(count) * weight
             n_tokens += sum(int((v != 0).sum()) for k, v in batch.items() if k.endswith("input_ids")) * int(weight)
         if self.ds_engine is None:
             if a.grad_clip > 0:
@@ -574,11 +620,19 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-        keys = sorted(sums)
-        totals = rt.all_reduce_sum([sums[k] for k in keys] + [float(n_tokens)])
-        metrics = {k: v / global_count for k, v in zip(keys, totals[:-1])}
+        keys, own = sorted(sums), sorted(counts)
+        totals = rt.all_reduce_sum([sums[k] for k in keys] + [counts[k] for k in own] + [float(n_tokens)])
+        metrics = {k: v / global_count for k, v in zip(keys, totals)}
+        for k, c in zip(own, totals[len(keys):-1]):
+            metrics[k] = totals[keys.index(k)] / max(c, 1e-12)
         metrics["lr"] = lr
-        self.position += n_samples
+        if self.rollout_fn is not None:  # (rank 0's times)
+            metrics["rollout_s"] = self.rollout_seconds
+            metrics["step_s"] = time.time() - started
+        self.inner += 1
+        if self.inner == self.reuse:
+            self.position += n_samples
+            self.pending, self.inner = None, 0
         return metrics, int(totals[-1])
 
     def _log(self, metrics, tok_s, eta):
@@ -603,7 +657,7 @@ class Trainer:
             self.wandb.log(record, step=self.step)
 
     def plot(self):
-        plot_metrics(self.metrics_path, self.plot_path, title=self.stem)
+        plot_metrics(self.metrics_path, self.plot_path, title=self.stem, keys=self.plot_keys)
 
 
 def progress_bar(name, total, done, enabled=True):
@@ -614,20 +668,22 @@ def progress_bar(name, total, done, enabled=True):
                 mininterval=0.5, disable=not enabled)
 
 
-def plot_metrics(metrics_path, png_path, title):
-    """Loss against step from a metrics file, as a PNG."""
+def plot_metrics(metrics_path, png_path, title, keys=("loss",)):
+    """Loss (and any other logged metrics named in keys, one panel each) against step from a metrics file, as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_metrics(metrics_path, print)
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(6, 3.5 * len(keys)), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        logged = [r for r in rows if key in r]
+        ax.plot([r["step"] for r in logged], [r[key] for r in logged])
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title(title)
     fig.tight_layout()
     atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

@@ -21,6 +21,8 @@ RUNS = {
                ["ratio", "matrix products alone"]),
     "decode_profile": (["bench/bench_decode.py", "--prompt_len", "8", "--profile"],
                        ["ours 16 rows", "matrix products", "attention (SDPA)", "total"]),
+    "rollout": (["bench/bench_rollout.py", "--prompts", "2", "--group", "2", "--new_tokens", "4", "--rounds", "1",
+                 "--dim", "64", "--n_layers", "2"], ["ratio engine/generate()", "share of a step spent generating"]),
     "serve": (["bench/bench_serve.py", "--new_tokens", "4", "--requests", "4", "--levels", "1,4", "--rounds", "1"],
               ["answers unchanged 4/4", "ms per step"]),
     "data": (["bench/bench_data.py", "--gb", "0.002", "--tokens", "20000", "--seconds", "5", "--train_batch", "1",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..generate import Engine, SamplingParams
+from ..generate import Engine, SamplingParams, run_to_completion
 
 SENTENCE_END = re.compile(r"[。！？!?]|\.(?=\s|$)")
 
@@ -113,17 +113,7 @@ def greedy(model, tokenizer, prompts, max_new_tokens=40, batch=32):
 def generate_all(model, tokenizer, prompts, params, batch=32):
     """Completions of many prompts, each with its own sampling parameters, decoded in batches."""
     engine = Engine(model, tokenizer, max_batch=batch)
-    requests = [engine.prepare(p, pp) for p, pp in zip(prompts, params)]
-    waiting = list(requests)
-    with torch.no_grad():
-        while waiting or engine.active:
-            if waiting and len(engine.active) < batch:
-                room = batch - len(engine.active)
-                engine.add_many(waiting[:room])
-                del waiting[:room]
-            if engine.active:
-                engine.step()
-    return [r.result() for r in requests]
+    return run_to_completion(engine, [engine.prepare(p, pp) for p, pp in zip(prompts, params)])
 
 
 def examples(rows, outputs, hits, key, n=4):
