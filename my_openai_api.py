@@ -7,6 +7,7 @@ one batched forward per step, each in its own cache slot with its own sampling s
 """
 import argparse
 import asyncio
+import codecs
 import hmac
 import json
 import logging
@@ -17,6 +18,7 @@ import threading
 import time
 import uuid
 from contextlib import aclosing
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -119,13 +121,14 @@ def parse_messages(messages):
     return out
 
 
-def parse_request(body):
-    """Validated (messages, SamplingParams, stream, include_usage) from a request body; unknown fields ignored."""
+def parse_request(body, prompt=("messages", parse_messages)):
+    """Validated (messages, SamplingParams, stream, include_usage) from a request body; unknown fields ignored.
+    prompt: the field that holds the prompt and its parser (/v1/completions: "prompt", parse_prompts)."""
     if not isinstance(body, dict):
         raise bad(None, "the request body must be a JSON object")
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise bad("model", f"'model' must be a string, got {type(body['model']).__name__}")
-    messages = parse_messages(body.get("messages"))
+    messages = prompt[1](body.get(prompt[0]))
 
     def field(name, default, rule=None, kind=(is_number, "a number")):
         """The value of a request field; `rule`: the sampling rule it must meet (SAMPLING_RULES's name)."""
@@ -176,9 +179,81 @@ def parse_request(body):
         ignore_eos = False
     if not isinstance(ignore_eos, bool):
         raise bad("ignore_eos", "'ignore_eos' must be a boolean")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise bad("logprobs", "'logprobs' must be a boolean")
+    top_logprobs = integer("top_logprobs", 0, "logprobs")
+    if top_logprobs and not logprobs:
+        raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true", "invalid_value")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                            max_new_tokens=max_tokens, stop=tuple(stop or ()), seed=seed, ignore_eos=ignore_eos)
+                            max_new_tokens=max_tokens, stop=tuple(stop or ()), seed=seed, ignore_eos=ignore_eos,
+                            logprobs=top_logprobs if logprobs else None)
     return messages, params, bool(stream), include_usage
+
+
+MAX_PROMPTS = 2048  # prompts in one /v1/completions request
+
+
+def parse_prompts(prompt):
+    """The prompts of /v1/completions: a string, strings, token ids or lists of token ids -> [str | [int]]."""
+    if prompt is None:
+        raise bad("prompt", "'prompt' is required", "missing_required_parameter")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
+        prompt, names = [prompt], ["prompt"]
+    elif isinstance(prompt, list) and prompt:
+        names = [f"prompt[{i}]" for i in range(len(prompt))]
+    else:
+        raise bad("prompt", "'prompt' must be a non-empty string, array of strings, array of token ids or array "
+                  "of token-id arrays")
+    if len(prompt) > MAX_PROMPTS:
+        raise bad("prompt", f"'prompt' holds {len(prompt)} prompts; at most {MAX_PROMPTS} per request")
+    out = []
+    for name, p in zip(names, prompt):
+        if isinstance(p, str):
+            if (half := SURROGATE.search(p)) is not None:
+                raise bad(name, f"{name} holds a lone UTF-16 surrogate \\u{ord(half.group()):04x} at character "
+                          f"{half.start()}: not valid Unicode text")
+            out.append(p)
+        elif isinstance(p, list) and p and all(is_int(t) for t in p):
+            out.append([int(t) for t in p])
+        else:
+            raise bad(name, f"{name} must be a non-empty string or a non-empty array of token ids")
+    return out
+
+
+def parse_completion_request(body):
+    """Validated (prompts, SamplingParams, stream, include_usage, echo) of a /v1/completions body: the chat
+    fields as parse_request has them, and the legacy endpoint's own: max_tokens (default 16; 0 scores the
+    prompt without generating), echo, logprobs (an integer: the alternatives per token), suffix and best_of."""
+    if not isinstance(body, dict):
+        raise bad(None, "the request body must be a JSON object")
+    own = ("max_tokens", "logprobs", "echo", "top_logprobs", "max_completion_tokens")  # not chat's meaning
+    shared = {k: v for k, v in body.items() if k not in own}
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and not (is_int(max_tokens) and int(max_tokens) == 0):
+        shared["max_tokens"] = max_tokens  # checked as chat checks it
+    prompts, params, stream, include_usage = parse_request(shared, prompt=("prompt", parse_prompts))
+    max_tokens = 16 if max_tokens is None else params.max_new_tokens if "max_tokens" in shared else 0
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise bad("echo", "'echo' must be a boolean")
+    logprobs = body.get("logprobs")
+    logprobs = None if logprobs is False else logprobs  # asks for nothing
+    if logprobs is not None:
+        if not is_int(logprobs):
+            raise bad("logprobs", f"'logprobs' must be an integer (alternatives per token), got "
+                      f"{type(logprobs).__name__}")
+        if why := sampling_problem("logprobs", int(logprobs)):
+            raise bad("logprobs", f"'logprobs' is {short(logprobs)}; it {why}", "invalid_value")
+        logprobs = int(logprobs)
+    if body.get("suffix") not in (None, ""):
+        raise bad("suffix", "'suffix' is not supported: this model does not fill in the middle", "invalid_value")
+    if body.get("best_of") is not None and not (is_int(body["best_of"]) and int(body["best_of"]) == 1):
+        raise bad("best_of", f"'best_of' is {short(body['best_of'])}; it must be 1 (one choice per prompt)",
+                  "invalid_value")
+    params = replace(params, max_new_tokens=max_tokens, logprobs=logprobs,
+                     prompt_logprobs=logprobs if echo and logprobs is not None else None)
+    return prompts, params, stream, include_usage, bool(echo)
 
 
 class EventRelay:
@@ -234,6 +309,29 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
         "stop": {"anyOf": [{"type": "string"}, {"type": "array", "maxItems": 16, "items": {"type": "string"}},
                            {"type": "null"}]},
         "ignore_eos": {"type": ["boolean", "null"]},
+        "logprobs": {"type": ["boolean", "null"]},
+        "top_logprobs": {"type": ["integer", "null"], "anyOf": [{"minimum": 0, "maximum": 20}, {"type": "null"}]},
+    },
+    # top_logprobs from 1 on needs logprobs: true
+    "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+    "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
+
+
+def completion_request_schema(vocab_size):
+    """What parse_completion_request accepts, for a model with vocab_size token ids."""
+    ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
+    text = {"type": "string", "minLength": 1}
+    chat_only = ("messages", "max_completion_tokens", "logprobs", "top_logprobs")
+    shared = {k: v for k, v in CHAT_REQUEST_SCHEMA["properties"].items() if k not in chat_only}
+    return {"type": "object", "required": ["prompt"], "properties": {
+        **shared,
+        "prompt": {"anyOf": [text, ids, {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": text},
+                             {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": ids}]},
+        "max_tokens": {"type": ["integer", "null"], "anyOf": [{"minimum": -1}, {"type": "null"}]},
+        "echo": {"type": ["boolean", "null"]},
+        "logprobs": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 20}, {"const": False}, {"type": "null"}]},
+        "suffix": {"type": ["string", "null"], "maxLength": 0},
+        "best_of": {"type": ["integer", "null"], "enum": [1, None]},
     }}
 
 
@@ -287,12 +385,66 @@ async def generation(scheduler, req, queue, request):
             scheduler.cancel(req)
 
 
+class TokenText:
+    """Tokens as the OpenAI logprobs objects show them: text (bytes that are not whole UTF-8 characters as \\xNN
+    escapes), raw bytes, and a special token as its name."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def bytes(self, token):
+        return self.engine.token_bytes[token] or self.engine.tokenizer.convert_ids_to_tokens(token).encode()
+
+    def text(self, token):
+        return self.bytes(token).decode("utf-8", errors="backslashreplace")
+
+    def generated(self, req, start=0):
+        """req.logprobs from `start` without a final </s> (the answer's text does not hold it either)."""
+        entries = req.logprobs[start:]
+        ends = not req.params.ignore_eos and entries and entries[-1].token == self.engine.eos_id
+        return entries[:-1] if ends else entries
+
+    def chat(self, entries):
+        """Chat completions' logprobs.content entries."""
+        def one(token, logprob):
+            raw = self.bytes(token)
+            return {"token": raw.decode("utf-8", errors="backslashreplace"), "logprob": logprob, "bytes": list(raw)}
+        return [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
+
+    def legacy(self, tokens, entries, offset=0):
+        """The legacy completions' logprobs object of `tokens`, whose entries (TokenLogprob, or None for a first
+        prompt token) line up with them; text_offset counts characters from `offset`."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, e in zip(tokens, entries):
+            out["tokens"].append(self.text(token))
+            out["token_logprobs"].append(None if e is None else e.logprob)
+            top = None
+            if e is not None:
+                top = {}
+                for t, lp in e.top:
+                    top.setdefault(self.text(t), lp)  # two ids with one text: the likelier one stays
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(decoder.decode(self.engine.token_bytes[token]))
+        return out
+
+
 class Reply:
     """The OpenAI objects of one answer: chat.completion, its chat.completion.chunk events, usage."""
 
-    def __init__(self, model_name, req):
-        self.model, self.req = model_name, req
+    def __init__(self, model_name, req, tokens=None):
+        self.model, self.req, self.tokens = model_name, req, tokens
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.logprobs_sent = 0
+
+    def new_logprobs(self):
+        """The logprobs object for the tokens generated since the last call (None when not asked for)."""
+        if self.req.params.logprobs is None:
+            return None
+        entries = self.tokens.generated(self.req, self.logprobs_sent)
+        self.logprobs_sent += len(entries)
+        return {"content": self.tokens.chat(entries), "refusal": None}
 
     def usage(self):
         prompt, generated = len(self.req.prompt_ids), self.req.n_generated
@@ -301,13 +453,13 @@ class Reply:
     def completion(self, text, finish):
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish, "logprobs": None}],
+                             "finish_reason": finish, "logprobs": self.new_logprobs()}],
                 "usage": self.usage()}
 
     def chunk(self, delta, finish=None, with_usage=False):
         data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [] if with_usage else [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                   "logprobs": None}]}
+                                                   "logprobs": None if delta is None else self.new_logprobs()}]}
         if with_usage:
             data["usage"] = self.usage()
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -347,6 +499,114 @@ async def sse(reply, events, include_usage):
     yield "data: [DONE]\n\n"
 
 
+async def merged(streams):
+    """(index, delta, finish) from several generation() streams as their events come; leaving it early closes
+    them all (and so cancels their requests)."""
+    queue, done = asyncio.Queue(), object()
+
+    async def pump(i, events):
+        try:
+            async with aclosing(events):
+                async for delta, finish in events:
+                    queue.put_nowait((i, delta, finish))
+        finally:
+            queue.put_nowait((i, done, None))
+    tasks = [asyncio.create_task(pump(i, events)) for i, events in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, delta, finish = await queue.get()
+            if delta is done:
+                left -= 1
+            else:
+                yield i, delta, finish
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class TextReply:
+    """The legacy endpoint's objects: text_completion (one choice per prompt), its stream chunks, usage."""
+
+    def __init__(self, model_name, reqs, prompts, echo, tokens):
+        self.model, self.reqs, self.echo, self.tokens = model_name, reqs, echo, tokens
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.prompt_text = [p if isinstance(p, str) else tokens.engine.tokenizer.decode(r.prompt_ids)
+                            for p, r in zip(prompts, reqs)]
+        self.offset = [0] * len(reqs)  # characters of text sent per choice
+        self.sent = [0] * len(reqs)  # generated tokens whose logprobs were sent per choice
+
+    def usage(self):
+        prompt, generated = sum(len(r.prompt_ids) for r in self.reqs), sum(r.n_generated for r in self.reqs)
+        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+    def choice(self, i, text, finish=None, start=False):
+        """Choice i with `text` (the prompt first when echoing, at the start) and the logprobs of the tokens
+        generated since the last choice i."""
+        r, echoed = self.reqs[i], start and self.echo
+        if echoed:
+            text, self.offset[i] = self.prompt_text[i] + text, len(self.prompt_text[i])
+        logprobs = None
+        if r.params.logprobs is not None:
+            entries = self.tokens.generated(r, self.sent[i])
+            ids = r.token_ids[self.sent[i]:self.sent[i] + len(entries)]
+            self.sent[i] += len(entries)
+            logprobs = self.tokens.legacy(ids, entries, self.offset[i])
+            if echoed:
+                head = self.tokens.legacy(r.prompt_ids, r.prompt_logprobs)
+                logprobs = {k: head[k] + logprobs[k] for k in head}
+        self.offset[i] = (0 if echoed else self.offset[i]) + len(text)
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def completion(self, texts, finishes):
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [self.choice(i, t, f, start=True) for i, (t, f) in enumerate(zip(texts, finishes))],
+                "usage": self.usage()}
+
+    def chunk(self, choices, with_usage=False):
+        data = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices}
+        if with_usage:
+            data["usage"] = self.usage()
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def whole_texts(reply, events, headers):
+    """A non-streaming legacy response: every prompt's events gathered into one text_completion."""
+    n = len(reply.reqs)
+    pieces, finishes = [[] for _ in range(n)], [None] * n
+    async with aclosing(events):
+        async for i, delta, finish in events:
+            pieces[i].append(delta)
+            finishes[i] = finish or finishes[i]
+    if "error" in finishes:
+        raise APIError(500, "generation failed", type_="server_error")
+    if None in finishes:
+        return JSONResponse({}, status_code=499)  # nobody is listening any more
+    return JSONResponse(reply.completion(["".join(p) for p in pieces], finishes), headers=headers)
+
+
+async def text_sse(reply, events, include_usage):
+    """A streaming legacy response: per choice its text as it comes (the prompt first when echoing), a finish
+    chunk, then usage if asked and [DONE]."""
+    started, finishes = set(), [None] * len(reply.reqs)
+    async with aclosing(events):
+        async for i, delta, finish in events:
+            if finish == "error":
+                err = {"message": "generation failed", "type": "server_error", "param": None, "code": None}
+                yield f"data: {json.dumps({'error': err})}\n\n"
+                return
+            finishes[i] = finish
+            if delta or finish:  # (a quiet half second gives ("", None))
+                yield reply.chunk([reply.choice(i, delta, finish, start=i not in started)])
+                started.add(i)
+    if None in finishes:
+        return  # the client has gone away
+    if include_usage:
+        yield reply.chunk([], with_usage=True)
+    yield "data: [DONE]\n\n"
+
+
 def create_app(scheduler, model_name, api_key=None, strict_context=False, strict_model_name=False,
                max_body_bytes=DEFAULT_MAX_BODY_BYTES):
     relays = {}  # one per event loop (tests start several)
@@ -366,6 +626,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
     app = FastAPI(title="MiniMind OpenAI-compatible API", **docs)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
     engine = scheduler.engine
+    tokens = TokenText(engine)
     started = int(time.time())
 
     @app.exception_handler(APIError)
@@ -398,13 +659,16 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
                           # one model per server: a request naming any other model gets this one
                           "answers_any_model_name": not strict_model_name}]}
 
+    def check_model_name(body):
+        if strict_model_name and body.get("model") not in (None, model_name):
+            raise APIError(404, f"The model {short(body['model'])} does not exist; this server serves "
+                           f"'{model_name}'", param="model", code="model_not_found")
+
     def prepare(raw):
         """The CPU work of a request, run off the event loop: JSON, validation, the chat template, tokenization."""
         body = parse_json(raw)
         messages, params, stream, include_usage = parse_request(body)
-        if strict_model_name and body.get("model") not in (None, model_name):
-            raise APIError(404, f"The model {short(body['model'])} does not exist; this server serves "
-                           f"'{model_name}'", param="model", code="model_not_found")
+        check_model_name(body)
         prompt_ids = engine.encode(messages)
         if not prompt_ids:
             raise bad("messages", "the messages make an empty prompt")
@@ -436,13 +700,56 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
         if req.truncated:
             log.warning("prompt of %d tokens cut from the left by %d to fit the context of %d",
                         len(prompt_ids), req.truncated, engine.max_len)
-        reply = Reply(model_name, req)
+        reply = Reply(model_name, req, tokens)
         events = generation(scheduler, req, queue, request)
         headers = {"X-Prompt-Tokens-Truncated": str(req.truncated)}
         if stream:
             return StreamingResponse(sse(reply, events, include_usage), media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await whole_answer(reply, events, headers)
+
+    def prepare_completion(raw):
+        """prepare() for /v1/completions: each prompt's token ids, checked against the vocabulary and, when its
+        tokens are echoed (scored) or --strict-context is on, against the context."""
+        body = parse_json(raw)
+        prompts, params, stream, include_usage, echo = parse_completion_request(body)
+        check_model_name(body)
+        room = params.max_new_tokens if params.max_new_tokens != -1 else 1
+        ids = []
+        for i, p in enumerate(prompts):
+            name = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            x = engine.encode(p)
+            if not x:
+                raise bad(name, f"{name} is empty: there is nothing to continue")
+            if min(x) < 0 or max(x) >= engine.vocab_size:
+                raise bad(name, f"{name} holds token id {min(x) if min(x) < 0 else max(x)}; ids must lie in "
+                          f"[0, {engine.vocab_size})", "invalid_value")
+            if (echo or strict_context) and len(x) + room > engine.max_len:
+                raise bad(name, f"{name} is {len(x)} tokens; with max_tokens {room} it must fit the context "
+                          f"of {engine.max_len} tokens", "context_length_exceeded")
+            ids.append(x)
+        return prompts, ids, params, stream, include_usage, echo
+
+    @v1.post("/completions", openapi_extra={"requestBody": {"required": True, "content": {
+              "application/json": {"schema": completion_request_schema(engine.vocab_size)}}}},
+             responses={**chat_responses, 200: {**chat_responses[200], "description": (
+                 "a text_completion object, or with stream: true server-sent text_completion chunks ending "
+                 "with data: [DONE]")}})
+    async def completions(request: Request):
+        raw = await read_body(request, max_body_bytes)
+        prompts, ids, params, stream, include_usage, echo = await asyncio.to_thread(prepare_completion, raw)
+        loop = asyncio.get_running_loop()
+        relay = relays.get(loop) or relays.setdefault(loop, EventRelay(loop))
+        queues = [asyncio.Queue() for _ in ids]
+        reqs = scheduler.submit_many(ids, params, [partial(lambda q, d, f: relay.put(q, (d, f)), q) for q in queues])
+        truncated = sum(r.truncated for r in reqs)
+        reply = TextReply(model_name, reqs, prompts, echo, tokens)
+        events = merged([generation(scheduler, r, q, request) for r, q in zip(reqs, queues)])
+        headers = {"X-Prompt-Tokens-Truncated": str(truncated)}
+        if stream:
+            return StreamingResponse(text_sse(reply, events, include_usage), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await whole_texts(reply, events, headers)
 
     app.include_router(v1)
     return app

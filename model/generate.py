@@ -32,6 +32,11 @@ Sampling (SamplingParams fields, or keyword arguments of stream/complete):
     stop                strings that end the answer (not included in it); the eos token </s> always does
     seed                per-request torch.Generator seed in [-2**63, 2**64); None = random
     ignore_eos          keep going after </s> (benchmarks: a fixed number of tokens)
+    logprobs            None = off; k in 0..20: each generated token's log-probability and the k most likely
+                        tokens at its position (Completion.logprobs)
+    prompt_logprobs     None = off; k in 0..20: the same for every prompt token after the first
+                        (Completion.prompt_logprobs; max_new_tokens 0 then scores a text without generating)
+Log-probabilities are the model's own: log_softmax of its float32 logits, before penalty, temperature, top-k/p.
 Any accepted values give a finite distribution (sampling_probs): the penalty and temperature are applied in
 float64 to logits shifted so the best one is 0, so 1e-300 as temperature or penalty is merely near-greedy.
 
@@ -57,7 +62,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +80,8 @@ SAMPLING_RULES = {
     "repetition_penalty": (lambda v: 0 < v <= 10, "greater than 0 and at most 10"),
     "max_new_tokens": (lambda v: v == -1 or v >= 1, "-1 (up to the context limit) or at least 1"),
     "seed": (lambda v: -2**63 <= v < 2**64, "within [-2**63, 2**64)"),
+    "logprobs": (lambda v: 0 <= v <= 20, "between 0 and 20"),
+    "prompt_logprobs": (lambda v: 0 <= v <= 20, "between 0 and 20"),
 }
 
 
@@ -94,6 +101,8 @@ class SamplingParams:
     stop: tuple = ()
     seed: Optional[int] = None
     ignore_eos: bool = False
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -101,6 +110,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(s for s in (self.stop or ()) if s))
         for name in SAMPLING_RULES:
             value = getattr(self, name)
+            if name == "max_new_tokens" and value == 0:
+                continue  # prefill only: the prompt's logprobs, or nothing
             if value is not None and (why := sampling_problem(name, value)):
                 raise ValueError(f"{name}={value!r} {why}")
 
@@ -122,6 +133,23 @@ class Completion:
     completion_tokens: int
     truncated: int = 0  # prompt tokens dropped from the left to fit the context
     token_ids: list = field(default_factory=list, repr=False)  # the generated ids (with the final </s>, if any)
+    logprobs: list = field(default_factory=list, repr=False)  # TokenLogprob per generated id (params.logprobs)
+    prompt_logprobs: Optional[list] = field(default=None, repr=False)  # None, then TokenLogprob per prompt id
+
+
+class TokenLogprob(NamedTuple):
+    """One token's log-probability under the model and the k most likely tokens at its position."""
+    token: int
+    logprob: float
+    top: list  # [(token id, logprob)], most likely first
+
+
+def token_logprobs(logits, tokens, k):
+    """TokenLogprob for each row of float logits (n, vocab) and its token: log_softmax, gathered, top-k."""
+    logp = logits.float().log_softmax(-1)
+    picked = logp.gather(-1, torch.as_tensor(tokens, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
+    values, ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    return [TokenLogprob(t, lp, list(zip(i, v))) for t, lp, i, v in zip(tokens, picked, ids.tolist(), values.tolist())]
 
 
 class StaticKVCache:
@@ -294,7 +322,8 @@ class Request:
             self.seen = torch.zeros(engine.vocab_size, dtype=torch.bool, device=engine.device)
             self.seen[torch.tensor(prompt_ids, device=engine.device)] = True
         self.text = TextStream(engine.token_bytes, params.stop)
-        self.pieces, self.token_ids = [], []
+        self.pieces, self.token_ids, self.logprobs = [], [], []
+        self.prompt_logprobs = None  # [None, TokenLogprob, ...] after the prefill when params.prompt_logprobs is set
         self.slot = None
         self.n_cached = 0  # tokens of this sequence in the cache
         self.last_token = None
@@ -321,7 +350,7 @@ class Request:
 
     def result(self):
         return Completion("".join(self.pieces), self.finish_reason, len(self.prompt_ids), self.n_generated,
-                          self.truncated, list(self.token_ids))
+                          self.truncated, list(self.token_ids), list(self.logprobs), self.prompt_logprobs)
 
 
 def chat_prompt(tokenizer, messages):
@@ -464,12 +493,12 @@ class Engine:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}): the model's vocabulary")
         wanted = params.max_new_tokens if params.max_new_tokens not in (None, -1) else None
         truncated = 0
-        if len(ids) >= self.max_len:  # no room for one new token: keep the newest, leaving room to answer
+        if len(ids) >= self.max_len + (wanted == 0):  # no room for one new token: keep the newest, leaving room
             room = max(1, min(wanted or self.max_len, self.max_len // 4))
             truncated = len(ids) - (self.max_len - room)
             ids = ids[truncated:]
         room = self.max_len - len(ids)
-        return Request(ids, params, truncated, min(wanted or room, room), self, on_event)
+        return Request(ids, params, truncated, room if wanted is None else min(wanted, room), self, on_event)
 
     def add(self, req):
         """Prefill the request's prompt into the next slot and sample its first token."""
@@ -491,16 +520,21 @@ class Engine:
             ids[i, :lengths[i]] = torch.tensor(r.prompt_ids)
         self.active.extend(reqs)
         self.cache.prefill(first)
-        shortest = min(lengths)  # logits from position shortest - 1 on hold every row's last real token
+        # logits from position shortest - 1 on hold every row's last real token; prompt logprobs need them all
+        scoring = any(r.params.prompt_logprobs is not None for r in reqs)
+        keep = max(lengths) - (0 if scoring else min(lengths) - 1)
         try:
-            logits = self.model(ids.to(self.device), cache=self.cache,
-                                logits_to_keep=max(lengths) - shortest + 1).logits
+            logits = self.model(ids.to(self.device), cache=self.cache, logits_to_keep=keep).logits
         except Exception:  # nothing of these requests was kept: their slots are free again
             del self.active[first:]
             for r in reqs:
                 r.slot, r.n_cached = None, 0
             raise
-        last = torch.tensor(lengths, device=self.device) - shortest
+        for i, r in enumerate(reqs):
+            if r.params.prompt_logprobs is not None:  # position t predicts prompt token t + 1
+                scored = token_logprobs(logits[i, :lengths[i] - 1], r.prompt_ids[1:], r.params.prompt_logprobs)
+                r.prompt_logprobs = [None] + scored
+        last = torch.tensor(lengths, device=self.device) - 1 - (max(lengths) - keep)
         self._accept(reqs, logits[torch.arange(len(reqs), device=self.device), last])
 
     @staticmethod
@@ -557,7 +591,11 @@ class Engine:
 
     def _next_token(self, r, logits):
         """(text delta, finish_reason or None) after sampling one more token for request r."""
+        if r.max_new == 0:  # prefill only
+            return "", "length"
         token = sample_token(logits, r.params, r.generator, r.seen)
+        if r.params.logprobs is not None:
+            r.logprobs.extend(token_logprobs(logits[None], [token], r.params.logprobs))
         r.token_ids.append(token)
         self.counters["generated_tokens"] += 1
         if token == self.eos_id and not r.params.ignore_eos:
@@ -671,6 +709,14 @@ class Scheduler:
             self.waiting.append(req)
             self.cond.notify()
         return req
+
+    def submit_many(self, prompts, params=None, on_events=()):
+        """Queue several requests at once, so they are prefilled together (the legacy completions' batches)."""
+        reqs = [self.engine.prepare(p, params, on) for p, on in zip(prompts, on_events)]
+        with self.cond:
+            self.waiting.extend(reqs)
+            self.cond.notify()
+        return reqs
 
     def cancel(self, req):
         req.cancelled = True
