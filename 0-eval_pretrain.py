@@ -1,8 +1,10 @@
-"""Let a pretrained (not yet chat-tuned) model continue text: a quick look at what pretraining taught it."""
+"""Let a pretrained (not yet chat-tuned) model continue text: a quick look at what pretraining taught it; --bpb FILE
+measures it instead, in bits per byte of held-out text (a number models with different tokenizers share)."""
 import argparse
+import sys
 
 from model.cli import add_model_args, add_sampling_args, load_or_exit, sampling_kwargs
-from model.evaluation import read_prompts
+from model.evaluation import bits_per_byte, read_documents, read_prompts
 from model.generate import Engine
 
 DEMO_PROMPTS = [
@@ -16,9 +18,22 @@ def main(argv=None):
     add_model_args(p, default_model="out/pretrain_512.pth")
     add_sampling_args(p, max_new_tokens=128)
     p.add_argument("--prompts", default=None, help="file of prompts: one per line, or JSONL with a prompt/text field")
+    p.add_argument("--bpb", metavar="FILE", default=None,
+                   help="print bits per byte over FILE's documents instead (JSONL {\"text\": ...} as pretraining "
+                        "reads it, or any other file as one document) and exit")
     args = p.parse_args(argv)
 
     model, tokenizer = load_or_exit(args)
+    if args.bpb:
+        try:
+            result = bits_per_byte(model, tokenizer, read_documents(args.bpb, tokenizer))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        if result["bpb"] is None:
+            sys.exit(f"error: {args.bpb} holds no text")
+        print(f"bits per byte: {result['bpb']:.4f} over {result['bytes']} bytes ({result['tokens']} tokens, "
+              f"{result['documents']} documents) of {args.bpb}")
+        return result
     engine = Engine(model, tokenizer)
     budget = max(model.config.max_seq_len - args.max_new_tokens, 1)
     for prompt in read_prompts(args.prompts) if args.prompts else DEMO_PROMPTS:

@@ -1,4 +1,6 @@
-"""C-Eval and CMMLU: pick the letter A-D whose next-token probability is highest after the chat-formatted question."""
+"""C-Eval and CMMLU: the letter A-D the model finds most likely after the chat-formatted question (the seed's
+method), or the option whose text it finds most likely after the bare question (cloze); and the lm-evaluation-harness
+command that gets the same number."""
 
 import argparse
 import os
@@ -8,7 +10,8 @@ import torch
 from tqdm import tqdm
 
 from model.cli import add_model_args, checked, load_or_exit
-from model.evaluation import format_table, read_ceval_dir, score_questions, summarize, write_results
+from model.evaluation import (HARNESS_METRIC, METHODS, ceval_accuracy, format_table, harness_commands, read_ceval_dir,
+                              summarize, write_harness_task, write_results)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,12 +25,19 @@ files to dataset/demo/ceval. Cells are stripped of stray whitespace and an empty
 without an answer is still scored and written to the result CSV, but not counted in the accuracy; the
 tables and summary.json report how many there were ("unanswerable"). An answer other than A-D is an error
 naming the file and line.
-Scoring: the user message is model.dataset.format_mcq(question, [A, B, C, D]) in the chat template, followed
-by the assistant header; prob_A..prob_D are the next-token probabilities of the four letters renormalised over
-them, letter_mass their share of all tokens, and the prediction the most likely letter. A prompt longer than
-the model's max_seq_len keeps its end (options and header); the count is reported. No sampling: runs repeat.
-Writes {out_dir}/{subject}.csv (id, answer, prediction, correct, prob_A..prob_D, letter_mass) and
-{out_dir}/summary.json, and prints per-subject and total tables.
+Scoring, --method letter (the default, the seed's): the user message is model.dataset.format_mcq(question,
+[A, B, C, D]) in the chat template, followed by the assistant header; prob_A..prob_D are the next-token
+probabilities of the four letters renormalised over them, letter_mass their share of all tokens, and the
+prediction the most likely letter. --method cloze: the user message is the bare question; logprob_A..logprob_D
+are the log-likelihoods of each option's text after the assistant header, split into tokens as
+lm-evaluation-harness splits them (its acc_norm), score_A..score_D those divided by the option's length in
+characters, and the prediction the highest score (an empty option is never chosen). The cloze form is what small
+models are measured with: binding an answer to its letter emerges only at larger scale. A prompt longer than the
+model's max_seq_len keeps its end; the count is reported. No sampling: runs repeat.
+Writes {out_dir}/{subject}.csv (id, answer, prediction, correct and the method's columns), {out_dir}/summary.json
+(with "method"), and {out_dir}/lm_eval_task/ (the questions with an answer and a task YAML including
+model/harness/minimind_mcq_{method}.yaml); prints per-subject and total tables, then the lm_eval commands that
+reproduce the total (metric acc for letter, acc_norm for cloze), also kept in summary.json under "lm_eval".
 """
 
 
@@ -42,6 +52,8 @@ def main(argv=None):
     p.add_argument("--limit", type=checked(int, lambda v: v >= 1, ">= 1"), default=None,
                    help="at most N questions per subject (quick runs)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--method", choices=METHODS, default="letter",
+                   help="letter: next-token probability of A-D (default); cloze: each option's text, length-normalised")
     args = p.parse_args(argv)
 
     try:
@@ -59,14 +71,19 @@ def main(argv=None):
     print(f"{len(questions)} questions in {len(subjects)} subject files: "
           + ", ".join(f"{n} {b}" for b, n in counts.items()))
     with tqdm(total=len(questions), desc="/".join(counts) or "MCQ", unit="q", file=sys.stderr) as bar:
-        results, info = score_questions(model, tokenizer, questions, args.batch_size, model.config.max_seq_len, bar)
+        scored = ceval_accuracy(model, tokenizer, questions, args.method, args.batch_size, progress=bar)
+    results, info = scored["results"], scored["info"]
     by_subject, i = {}, 0
     for name, qs in subjects.items():
         by_subject[name], i = results[i:i + len(qs)], i + len(qs)
 
     summary = summarize(by_subject)
-    summary.update(model=str(args.model), data_dir=str(args.data_dir), layouts=layouts, **info)
+    summary.update(method=args.method, model=str(args.model), data_dir=str(args.data_dir), layouts=layouts, **info)
+    task_folder = os.path.join(args.out_dir, "lm_eval_task")
     try:
+        task = write_harness_task(task_folder, questions, args.method)
+        summary["lm_eval"] = {"task": task, "metric": HARNESS_METRIC[args.method], **harness_commands(
+            args.model, args.tokenizer, task_folder, task, model.config.max_seq_len, os.path.join(args.out_dir, "hf_model"))}
         write_results(args.out_dir, by_subject, summary)
     except OSError as e:  # model.checkpoint.WriteError names the file
         sys.exit(f"error: {e}")
@@ -74,6 +91,13 @@ def main(argv=None):
     if info["truncated_prompts"]:
         print(f"{info['truncated_prompts']} prompt(s) longer than {model.config.max_seq_len} tokens kept their end")
     print(f"results in {args.out_dir}/ (summary.json and one CSV per subject)")
+    harness = summary["lm_eval"]
+    print(f"the same number through lm-evaluation-harness ({harness['metric']} of task {task}"
+          + (", after exporting the model" if "export" in harness else "") + "):")
+    for key in ("export", "hf"):
+        if key in harness:
+            print(f"  {harness[key]}")
+    print(f"or against a running `python my_openai_api.py --model {args.model}`:\n  {harness['server']}")
     return summary
 
 

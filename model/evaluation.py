@@ -1,10 +1,12 @@
 """What the inference scripts share besides their flags (model/cli.py): prompt files, chat prompts within a token
-budget, and C-Eval / CMMLU scoring."""
+budget, C-Eval / CMMLU scoring (letter and cloze, as lm-evaluation-harness computes them) and bits per byte."""
 import csv
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 
 import torch
 
@@ -213,6 +215,183 @@ def score_questions(model, tokenizer, questions, batch_size=8, max_len=512, prog
     return results, {"letter_token_ids": dict(zip(LETTERS, letter_ids)), "truncated_prompts": truncated}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the cloze form: each option's text scored after the bare question, as lm-evaluation-harness does
+
+METHODS = ("letter", "cloze")
+
+
+def cloze_context(tokenizer, q: Question):
+    """The text each option follows: the chat prompt of the bare question, ending in the assistant header."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": q.question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def harness_pair(tokenizer, context, continuation):
+    """(context ids, continuation ids) as lm-evaluation-harness splits a pair: whitespace ending the context
+    moves to the continuation, then context + continuation is encoded whole and cut after the context's own
+    tokens. (Chat contexts end in a newline, so that newline's token is scored with every option.)"""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    context_ids = encode(context)
+    return context_ids, encode(context + continuation)[len(context_ids):]
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, pairs, max_len, pad_id=0):
+    """Sum of the log-probabilities of each pair's continuation ids after its context ids, from one forward per
+    right-padded batch; a sequence longer than max_len + 1 keeps its end (lm-evaluation-harness's rule)."""
+    seqs = [(c + x)[-(max_len + 1):] for c, x in pairs]
+    T = max(len(s) for s in seqs) - 1
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s) - 1] = torch.as_tensor(s[:-1])
+    device = next(model.parameters()).device
+    logp = model(input_ids=ids.to(device)).logits.float().log_softmax(-1).cpu()
+    out = []
+    for i, (s, (_, x)) in enumerate(zip(seqs, pairs)):
+        n = min(len(x), len(s) - 1)
+        targets = torch.as_tensor(s[-n:])
+        out.append(logp[i, len(s) - 1 - n:len(s) - 1].gather(-1, targets[:, None]).sum().item())
+    return out
+
+
+def score_cloze(model, tokenizer, questions, batch_size=8, max_len=512, progress=None):
+    """score_questions' results for the cloze form: logprob_X is the log-likelihood of option X's text after
+    cloze_context, score_X that divided by the option's length in characters (lm-evaluation-harness's acc_norm),
+    and the prediction the first option with the highest score. An empty option scores -inf (never chosen)."""
+    results, truncated = [], 0
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        pairs = [harness_pair(tokenizer, cloze_context(tokenizer, q), opt) for q in chunk for opt in q.options]
+        truncated += sum(any(len(c) + len(x) > max_len + 1 for c, x in pairs[4 * k:4 * k + 4])
+                         for k in range(len(chunk)))
+        lls = continuation_logprobs(model, pairs, max_len, tokenizer.pad_token_id or 0)
+        for k, q in enumerate(chunk):
+            ll = lls[4 * k:4 * k + 4]
+            score = [v / len(opt) if opt else -math.inf for v, opt in zip(ll, q.options)]
+            pred = LETTERS[max(range(4), key=lambda j: score[j])]
+            results.append(dict(id=q.id, answer=q.answer, prediction=pred,
+                                correct="" if not q.answer else int(pred == q.answer),
+                                **{f"logprob_{x}": round(v, 6) for x, v in zip(LETTERS, ll)},
+                                **{f"score_{x}": round(v, 6) for x, v in zip(LETTERS, score)}))
+        if progress is not None:
+            progress.update(len(chunk))
+    return results, {"truncated_prompts": truncated}
+
+
+def ceval_accuracy(model, tokenizer, questions, method="letter", batch_size=8, max_len=None, progress=None):
+    """Multiple-choice accuracy of a model on Questions (read_ceval_dir / read_ceval_csv, or built by hand), by
+    the letter form (score_questions) or the cloze form (score_cloze). Returns {"method", "accuracy" (None when
+    no question has an answer), "correct", "count", "unanswerable", "choices" (the predicted letter of each
+    question, in order), "results" (one dict per question), "info"}."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    score = score_questions if method == "letter" else score_cloze
+    results, info = score(model, tokenizer, list(questions), batch_size, max_len or model.config.max_seq_len,
+                          progress)
+    return {"method": method, **tally(results), "choices": [r["prediction"] for r in results], "results": results,
+            "info": info}
+
+
+HARNESS_TASKS = Path(__file__).resolve().parent / "harness"  # the shipped lm-evaluation-harness task YAMLs
+HARNESS_METRIC = {"letter": "acc", "cloze": "acc_norm"}  # the harness's metric that equals each method's accuracy
+
+
+def write_harness_task(folder, questions, method):
+    """An lm-evaluation-harness task over exactly the questions that count (those with an answer), as the
+    shipped task for `method` reads them: questions_{method}.jsonl (C-Eval's columns, cells as scored) and a YAML
+    that includes model/harness/minimind_mcq_{method}.yaml; both methods' tasks can share a folder (one lm_eval run
+    with --tasks minimind_ceval_letter,minimind_ceval_cloze). Returns the task's name."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"minimind_ceval_{method}"
+    rows = [json.dumps({"id": q.id, "question": q.question, **dict(zip(LETTERS, q.options)), "answer": q.answer},
+                       ensure_ascii=False) for q in questions if q.answer]
+    data = folder / f"questions_{method}.jsonl"
+    atomic_write(data, lambda tmp: Path(tmp).write_text("\n".join(rows) + "\n", encoding="utf-8"))
+    yaml = (f"include: {json.dumps(str(HARNESS_TASKS / f'minimind_mcq_{method}.yaml'))}\n"
+            f"task: {name}\ndataset_path: json\n"  # JSON keeps every cell a string, as scored
+            f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n")
+    atomic_write(folder / f"{name}.yaml", lambda tmp: Path(tmp).write_text(yaml, encoding="utf-8"))
+    return name
+
+
+def harness_commands(model_path, tokenizer_dir, task_folder, task, max_len, export_dir):
+    """The shell commands that get the same number through lm-evaluation-harness: {"export" (when the model is
+    a checkpoint file, not an export folder), "hf" (the export, in-process), "server" (a running
+    my_openai_api.py of the same model, through /v1/completions)}."""
+    model_path = Path(model_path)
+    folder = quote(str(model_path if model_path.is_dir() else Path(export_dir)))
+    tokenizer_dir, offline = quote(str(tokenizer_dir)), "HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval"
+    common = f"--tasks {task} --include_path {quote(str(task_folder))}"
+    commands = {}
+    if not model_path.is_dir():
+        commands["export"] = (f"python export_model.py --model {quote(str(model_path))} --tokenizer {tokenizer_dir} "
+                              f"--out {folder}")
+    commands["hf"] = (f"{offline} --model hf --model_args pretrained={folder},trust_remote_code=True,"
+                      f"dtype=float32,max_length={max_len} {common} --batch_size 8")
+    commands["server"] = (f"{offline} --model local-completions --model_args model=minimind,"
+                          f"base_url=http://127.0.0.1:8998/v1/completions,tokenizer={tokenizer_dir},"
+                          f"tokenizer_backend=huggingface,max_length={max_len} {common} --batch_size 16")
+    return commands
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bits per byte: a language model's loss in a unit every tokenizer shares
+
+
+def read_documents(path, tokenizer):
+    """The documents of a bits-per-byte file: a .jsonl of {"text": ...} records (the pretraining format; a bad
+    record is named by file and line), or any other file as one document."""
+    from .dataset import DataError, PretrainDataset
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} not found")
+    if path.suffix == ".jsonl":
+        docs = PretrainDataset(path, tokenizer)
+        try:
+            return [docs.text(i) for i in range(len(docs))]
+        except DataError as e:
+            raise ValueError(str(e)) from None
+    try:
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+
+
+@torch.inference_mode()
+def bits_per_byte(model, tokenizer, documents, max_len=None):
+    """Bits per byte over whole documents, each encoded as pretraining encodes it (<s> + text): every token after
+    <s> is predicted, a document longer than the context in windows of max_len tokens (each window starts from
+    the last token of the one before), and the summed loss in bits is divided by the UTF-8 bytes those tokens
+    spell. Special tokens spell no bytes and are not counted, so the number does not depend on a vocabulary's
+    own markers: models with different tokenizers compare. Returns {"bpb", "bytes", "tokens", "documents",
+    "nats"}."""
+    from .dataset import special_ids
+    from .generate import token_bytes_table
+    max_len = max_len or model.config.max_seq_len
+    spelled = [len(b) for b in token_bytes_table(tokenizer, model.config.vocab_size)]
+    bos = special_ids(tokenizer)[0]
+    device = next(model.parameters()).device
+    nats, n_bytes, n_tokens = 0.0, 0, 0
+    for text in documents:
+        ids = [bos] + tokenizer.encode(text, add_special_tokens=False)
+        for start in range(0, len(ids) - 1, max_len):
+            window = ids[start:start + max_len + 1]
+            logits = model(input_ids=torch.tensor([window[:-1]], device=device)).logits[0].float()
+            targets = torch.tensor(window[1:], device=device)
+            losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            counted = torch.tensor([spelled[t] > 0 for t in window[1:]], device=device)
+            nats += losses[counted].sum().item()
+            n_tokens += int(counted.sum())
+            n_bytes += sum(spelled[t] for t in window[1:])
+    return {"bpb": nats / math.log(2) / n_bytes if n_bytes else None, "bytes": n_bytes, "tokens": n_tokens,
+            "documents": len(documents), "nats": nats}
+
+
 def tally(results):
     answered = [r for r in results if r["answer"]]
     correct = sum(r["correct"] for r in answered)
@@ -231,8 +410,8 @@ def write_results(out_dir, results_by_subject, summary):
     """One {subject}.csv of per-question results per subject, and summary.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns = ["id", "answer", "prediction", "correct", *[f"prob_{x}" for x in LETTERS], "letter_mass"]
     for name, rows in results_by_subject.items():
+        columns = list(rows[0]) if rows else ["id", "answer", "prediction", "correct"]  # the method's columns
         def write(tmp, rows=rows):
             with open(tmp, "w", encoding="utf-8", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=columns)
