@@ -200,6 +200,9 @@ def parse_prompts(prompt):
         raise bad("prompt", "'prompt' is required", "missing_required_parameter")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
         prompt, names = [prompt], ["prompt"]
+    elif isinstance(prompt, list) and prompt and is_int(prompt[0]):  # token ids, one of them something else
+        i = next(i for i, t in enumerate(prompt) if not is_int(t))
+        raise bad(f"prompt[{i}]", f"prompt[{i}] must be a token id (an integer), as the ids before it are")
     elif isinstance(prompt, list) and prompt:
         names = [f"prompt[{i}]" for i in range(len(prompt))]
     else:
