@@ -82,8 +82,9 @@ def main(argv=None):
     task_folder = os.path.join(args.out_dir, "lm_eval_task")
     try:
         task = write_harness_task(task_folder, questions, args.method)
-        summary["lm_eval"] = {"task": task, "metric": HARNESS_METRIC[args.method], **harness_commands(
-            args.model, args.tokenizer, task_folder, task, model.config.max_seq_len, os.path.join(args.out_dir, "hf_model"))}
+        commands = harness_commands(args.model, args.tokenizer, task_folder, task, model.config.max_seq_len,
+                                    os.path.join(args.out_dir, "hf_model"))
+        summary["lm_eval"] = {"task": task, "metric": HARNESS_METRIC[args.method], **commands}
         write_results(args.out_dir, by_subject, summary)
     except OSError as e:  # model.checkpoint.WriteError names the file
         sys.exit(f"error: {e}")

@@ -534,7 +534,8 @@ class TextReply:
     def __init__(self, model_name, reqs, prompts, echo, tokens):
         self.model, self.reqs, self.echo, self.tokens = model_name, reqs, echo, tokens
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        self.prompt_text = [p if isinstance(p, str) else tokens.engine.tokenizer.decode(r.prompt_ids)
+        decode = tokens.engine.tokenizer.decode
+        self.prompt_text = [p if isinstance(p, str) and not r.truncated else decode(r.prompt_ids)
                             for p, r in zip(prompts, reqs)]
         self.offset = [0] * len(reqs)  # characters of text sent per choice
         self.sent = [0] * len(reqs)  # generated tokens whose logprobs were sent per choice
@@ -712,8 +713,9 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
         return await whole_answer(reply, events, headers)
 
     def prepare_completion(raw):
-        """prepare() for /v1/completions: each prompt's token ids, checked against the vocabulary and, when its
-        tokens are echoed (scored) or --strict-context is on, against the context."""
+        """prepare() for /v1/completions: each prompt's token ids, checked against the vocabulary (and with
+        --strict-context against the context; else a prompt that fills it is cut from the left, as in chat, and
+        an echo shows the tokens kept)."""
         body = parse_json(raw)
         prompts, params, stream, include_usage, echo = parse_completion_request(body)
         check_model_name(body)
@@ -727,7 +729,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
             if min(x) < 0 or max(x) >= engine.vocab_size:
                 raise bad(name, f"{name} holds token id {min(x) if min(x) < 0 else max(x)}; ids must lie in "
                           f"[0, {engine.vocab_size})", "invalid_value")
-            if (echo or strict_context) and len(x) + room > engine.max_len:
+            if strict_context and len(x) + room > engine.max_len:
                 raise bad(name, f"{name} is {len(x)} tokens; with max_tokens {room} it must fit the context "
                           f"of {engine.max_len} tokens", "context_length_exceeded")
             ids.append(x)

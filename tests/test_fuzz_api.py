@@ -132,6 +132,43 @@ def test_any_json_body_gets_an_answer_or_an_openai_error(fuzz_url, body):
     check_response(r, isinstance(body, dict) and body.get("stream") is True)
 
 
+IDS = st.lists(st.integers(0, 6399), min_size=1, max_size=70)  # the shipped vocabulary; 70 > the 64-token context
+VALID_COMPLETION_BODY = st.fixed_dictionaries(
+    {"prompt": st.text(min_size=1, max_size=40) | st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=3)
+     | IDS | st.lists(IDS, min_size=1, max_size=3)},
+    optional={**{k: v for k, v in VALID_FIELDS.items() if k != "max_tokens"},
+              "max_tokens": st.integers(0, 80) | st.sampled_from([-1, 2 ** 70]), "echo": st.booleans(),
+              "logprobs": st.integers(0, 20) | st.sampled_from([None, False]), "suffix": st.sampled_from(["", None]),
+              "best_of": st.sampled_from([1, None])})
+BROKEN_COMPLETION_BODY = st.fixed_dictionaries(
+    {"prompt": TEXT | st.lists(TEXT | st.integers(-2 ** 70, 2 ** 70) | JSON, max_size=4) | JSON},
+    optional={name: NUMBER | value for name, value in VALID_FIELDS.items()}
+    | {"echo": st.booleans() | JSON, "logprobs": NUMBER, "suffix": TEXT | JSON, "best_of": NUMBER,
+       "stream": st.booleans() | JSON, "stop": TEXT | st.lists(TEXT, max_size=18) | JSON})
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=VALID_COMPLETION_BODY | BROKEN_COMPLETION_BODY | JSON)
+def test_any_completions_body_gets_an_answer_or_an_openai_error(fuzz_url, body):
+    """The legacy endpoint: every prompt form, echo and logprobs against a 64-token context (too long to echo
+    is a 400, not a cut); with echo and logprobs the first token has none and the others one each."""
+    raw = json.dumps(body).encode()
+    with httpx.Client(base_url=fuzz_url, timeout=HANG_GUARD_S) as client:
+        r = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    TRIED["completions bodies"] += 1
+    stream = isinstance(body, dict) and body.get("stream") is True
+    check_response(r, stream)
+    if r.status_code == 200 and not stream and body.get("echo") is True and is_count(body.get("logprobs")):
+        for choice in r.json()["choices"]:
+            values = choice["logprobs"]["token_logprobs"]
+            assert values[0] is None and all(isinstance(v, float) and v <= 0 for v in values[1:])
+        TRIED["completions scored with echo"] += 1
+
+
+def is_count(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @settings(max_examples=60, deadline=None, database=None)
 @given(raw=st.binary(max_size=64) | st.sampled_from([
     b"[" * 100_000, b"{" * 5000, b'{"messages": 1' + b"0" * 5000 + b"}", b'{"a": NaN}', b"\xff\xfe{}",
@@ -186,7 +223,8 @@ def test_the_live_server_keeps_to_its_openapi_schema(fuzz_url, mode):
     schemathesis: no 5xx, documented status codes and content types, responses that fit their schemas."""
     live = schemathesis.openapi.from_url(fuzz_url + "/openapi.json")
     operations = [result.ok() for result in live.get_all_operations()]
-    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {"POST /v1/chat/completions", "GET /v1/models"}
+    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
+        "POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models"}
     for op in operations:
         if mode == schemathesis.GenerationMode.NEGATIVE and op.method.upper() != "POST":
             continue  # GET /health and /v1/models take no input that could be made invalid

@@ -135,6 +135,11 @@ def test_completions_echo_with_max_tokens_0_scores_token_id_prompts(url, engine)
             assert len(lp["top_logprobs"][t]) <= 2
             assert abs(max(lp["top_logprobs"][t].values()) - logp[t - 1].max().item()) < TOL
         assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    # a prompt over the context (4096) is cut from the left, as chat prompts are, and the echo shows what was kept
+    r = post(url, "/v1/completions", {"prompt": list(range(3, 5000)), "echo": True, "max_tokens": 0, "logprobs": 0})
+    kept = int(r.headers["X-Prompt-Tokens-Truncated"])
+    lp = r.json()["choices"][0]["logprobs"]
+    assert kept > 0 and len(lp["tokens"]) == 4997 - kept and lp["token_logprobs"][0] is None
 
 
 @pytest.mark.slow
@@ -171,7 +176,6 @@ def test_completions_prompt_forms_streaming_and_the_sdk(url, engine):
     ({"prompt": "a", "suffix": "b"}, "suffix"), ({"prompt": "a", "best_of": 2}, "best_of"),
     ({"prompt": "a", "max_tokens": -2}, "max_tokens"), ({"prompt": "a", "n": 2}, "n"), ({"prompt": "\ud800"}, "prompt"),
     ({"prompt": "a", "temperature": 3}, "temperature"), ({"prompt": "a", "stream": "yes"}, "stream"),
-    ({"prompt": list(range(3, 5000)), "echo": True}, "prompt"),  # the tiny model's context is 4096
 ])
 def test_bad_completion_requests_name_their_field(url, body, param):
     r = httpx.post(url + "/v1/completions", content=json.dumps(body), timeout=HANG_GUARD_S,
