@@ -254,8 +254,8 @@ def parse_completion_request(body):
     if body.get("best_of") is not None and not (is_int(body["best_of"]) and int(body["best_of"]) == 1):
         raise bad("best_of", f"'best_of' is {short(body['best_of'])}; it must be 1 (one choice per prompt)",
                   "invalid_value")
-    params = replace(params, max_new_tokens=max_tokens, logprobs=logprobs,
-                     prompt_logprobs=logprobs if echo and logprobs is not None else None)
+    scored = logprobs if echo and logprobs is not None else 0 if max_tokens == 0 else None  # 0: prefill only
+    params = replace(params, max_new_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=scored)
     return prompts, params, stream, include_usage, bool(echo)
 
 

@@ -28,14 +28,15 @@ Sampling (SamplingParams fields, or keyword arguments of stream/complete):
     top_p               keep the smallest set with probability >= top_p, 1 = off default 0.9
     repetition_penalty  divide positive / multiply negative logits of tokens already in prompt or answer, 1 = off,
                         at most 10
-    max_new_tokens      None or -1: until the context (config.max_seq_len) is full
+    max_new_tokens      None or -1: until the context (config.max_seq_len) is full; 0 (with prompt_logprobs):
+                        prefill only
     stop                strings that end the answer (not included in it); the eos token </s> always does
     seed                per-request torch.Generator seed in [-2**63, 2**64); None = random
     ignore_eos          keep going after </s> (benchmarks: a fixed number of tokens)
     logprobs            None = off; k in 0..20: each generated token's log-probability and the k most likely
                         tokens at its position (Completion.logprobs)
     prompt_logprobs     None = off; k in 0..20: the same for every prompt token after the first
-                        (Completion.prompt_logprobs; max_new_tokens 0 then scores a text without generating)
+                        (Completion.prompt_logprobs)
 Log-probabilities are the model's own: log_softmax of its float32 logits, before penalty, temperature, top-k/p.
 Any accepted values give a finite distribution (sampling_probs): the penalty and temperature are applied in
 float64 to logits shifted so the best one is 0, so 1e-300 as temperature or penalty is merely near-greedy.
@@ -110,8 +111,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(s for s in (self.stop or ()) if s))
         for name in SAMPLING_RULES:
             value = getattr(self, name)
-            if name == "max_new_tokens" and value == 0:
-                continue  # prefill only: the prompt's logprobs, or nothing
+            if name == "max_new_tokens" and value == 0 and self.prompt_logprobs is not None:
+                continue  # prefill only: the prompt is scored, nothing generated
             if value is not None and (why := sampling_problem(name, value)):
                 raise ValueError(f"{name}={value!r} {why}")
 

@@ -53,6 +53,8 @@ def test_max_new_tokens_0_scores_the_prompt_without_generating(engine):
     assert engine.complete(full, max_new_tokens=1).truncated > 0
     with pytest.raises(ValueError, match="logprobs=21"):
         SamplingParams(logprobs=21)
+    with pytest.raises(ValueError, match="max_new_tokens"):  # generating nothing is for scoring a prompt
+        SamplingParams(max_new_tokens=0)
 
 
 def test_prompt_logprobs_do_not_depend_on_the_batch(engine):
@@ -150,6 +152,8 @@ def test_completions_prompt_forms_streaming_and_the_sdk(url, engine):
     for prompt, n in ((text, 1), ([text, text], 2), (ids, 1), ([ids, ids], 2)):
         data = post(url, "/v1/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 8}).json()
         assert [c["text"] for c in data["choices"]] == [alone.text] * n
+    nothing = post(url, "/v1/completions", {"prompt": text, "max_tokens": 0}).json()  # asks for no tokens
+    assert nothing["choices"][0]["text"] == "" and nothing["usage"]["completion_tokens"] == 0
     body = {"prompt": [text, ids[:5]], "temperature": 0, "max_tokens": 6, "echo": True, "logprobs": 1}
     whole = post(url, "/v1/completions", body).json()["choices"]
     with httpx.stream("POST", url + "/v1/completions", timeout=HANG_GUARD_S,
