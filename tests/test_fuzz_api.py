@@ -147,8 +147,13 @@ BROKEN_COMPLETION_BODY = st.fixed_dictionaries(
        "stream": st.booleans() | JSON, "stop": TEXT | st.lists(TEXT, max_size=18) | JSON})
 
 
+SCORING_BODY = st.fixed_dictionaries(  # what lm-eval's local-completions sends, and max_tokens 0
+    {"prompt": IDS | st.lists(IDS, min_size=1, max_size=3), "echo": st.just(True), "logprobs": st.integers(0, 20),
+     "max_tokens": st.integers(0, 3)}, optional={"temperature": st.just(0), "seed": st.integers(0, 2 ** 32)})
+
+
 @settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(body=VALID_COMPLETION_BODY | BROKEN_COMPLETION_BODY | JSON)
+@given(body=VALID_COMPLETION_BODY | SCORING_BODY | BROKEN_COMPLETION_BODY | JSON)
 def test_any_completions_body_gets_an_answer_or_an_openai_error(fuzz_url, body):
     """The legacy endpoint: every prompt form, echo and logprobs against a 64-token context (too long to echo
     is a 400, not a cut); with echo and logprobs the first token has none and the others one each."""
