@@ -773,7 +773,10 @@ def main():
             "the limit ends with finish_reason 'length'. Ranges: temperature 0-2 (0 greedy; any tiny value is "
             "near-greedy, never an error), top_p (0, 1], top_k >= 0, repetition_penalty (0, 10], seed any integer "
             "(taken modulo 2**64); others are a 400 error naming the field. Extensions to the OpenAI fields: top_k, "
-            "repetition_penalty, ignore_eos. One model per server: a request naming any model is answered by this "
+            "repetition_penalty, ignore_eos. POST /v1/completions is OpenAI's legacy endpoint (prompt as text, texts, "
+            "token ids or lists of them; echo; logprobs 0-20; max_tokens default 16, 0 scores the prompt): what "
+            "lm-evaluation-harness's local-completions model uses. Log-probabilities (there and with chat's logprobs "
+            "/ top_logprobs) are the model's own log-softmax, before penalty and temperature. One model per server: a request naming any model is answered by this "
             "one (--strict-model-name: other names get 404 model_not_found). GET /health is open; /v1/* and "
             "/openapi.json need the key when one is set (/docs and /redoc are then off).",
             100))
