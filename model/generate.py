@@ -711,9 +711,11 @@ class Scheduler:
             self.cond.notify()
         return req
 
-    def submit_many(self, prompts, params=None, on_events=()):
-        """Queue several requests at once, so they are prefilled together (the legacy completions' batches)."""
-        reqs = [self.engine.prepare(p, params, on) for p, on in zip(prompts, on_events)]
+    def submit_many(self, prompts, params=None, on_events=None):
+        """Queue several requests at once, so they are prefilled together (the legacy completions' batches);
+        on_events: one callback per prompt, or None."""
+        on_events = on_events or [None] * len(prompts)
+        reqs = [self.engine.prepare(p, params, on) for p, on in zip(prompts, on_events, strict=True)]
         with self.cond:
             self.waiting.extend(reqs)
             self.cond.notify()
