@@ -63,7 +63,7 @@ def test_manifest_lists_every_role(world):
     folder, m = world
     roles = {"tokenizer", "names", "pretrain", "sft_single", "sft_multi", "lora", "dpo", "ceval_dir", "eval_pretrain",
              "eval_sft", "eval_followup", "eval_lora", "eval_dpo", "eval_style", "eval_demo_questions", "eval_abstain",
-             "eval_open"}
+             "eval_open", "eval_text"}
     assert set(m["files"]) == roles
     for role, rel in m["files"].items():
         assert (folder / rel).exists(), role

@@ -132,6 +132,12 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
     pre["fact_kind"], pre["examples"] = "new_context", m["examples"]
     put(pre, "fact_accuracy_new_wording", M.completion(models["pretrain"], tok, pick("new_wording"), manifest))
     put(pre, "fact_accuracy_real", M.completion(models["pretrain"], tok, pick("real_fact"), manifest))
+    if "eval_text" in files:
+        from ..evaluation import bits_per_byte
+        docs = [r["text"] for r in M.read_jsonl(files["eval_text"])]
+        bpb = bits_per_byte(models["pretrain"], tok, docs)
+        pre.update(bits_per_byte=round(bpb["bpb"], 4), bits_per_byte_bytes=bpb["bytes"],
+                   bits_per_byte_documents=bpb["documents"])
     held_facts = pick("new_context", "heldout")
     put(pre, "fact_accuracy_heldout_entities", M.completion(models["pretrain"], tok, held_facts, manifest))
 
@@ -278,6 +284,10 @@ def write_report(report, out):
     for label, st, before, key, base in rows:
         lines.append(f"| {label} | {_cell(st, before) if before else '–'} | {_cell(st, key)} | "
                      f"{st.get(f'{key}_n', '')} | {f'{st[base]:.3f}' if base else '–'} |")
+    if "bits_per_byte" in p:
+        lines.append(f"\nPretrained model, bits per byte on {p['bits_per_byte_documents']} biographies in wordings it never "
+                     f"read ({p['bits_per_byte_bytes']} bytes): {p['bits_per_byte']:.3f} (a tokenizer-independent measure; "
+                     "8 bits is a byte stored plainly).")
     lines += ["", f"DPO pairs by kind, before → after: " + ", ".join(
         f"{k} {d['pref_acc_before_by_kind'][k]:.2f} → {d['pref_acc_after_by_kind'].get(k, 0):.2f}"
         for k in d["pref_acc_before_by_kind"]) + f"; the best length rule scores {d['pref_baseline_longer_or_shorter']:.3f}.",

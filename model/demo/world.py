@@ -779,7 +779,26 @@ def dpo_pairs(world, rng, split, n):
     return pairs
 
 
-ABSTAIN_MULTI_SHARE, ABSTAIN_LORA_ANCHORS, ABSTAIN_DPO_SHARE = 0.1, 24, 0.1
+ABSTAIN_MULTI_SHARE, ABSTAIN_LORA_ANCHORS, ABSTAIN_DPO_SHARE = 0.3, 24, 0.1
+LORA_MULTI_ANCHORS, LORA_DECORATED_ANCHORS = 0.33, 0.33  # shares of LoRA's ordinary anchors
+
+
+def vary_lora_anchors(rng, lora, multi):
+    """LoRA now sits inside the chain, so its ordinary anchors keep what the earlier stages taught: a third become
+    multi-turn chats (follow-ups), a third get a greeting or an impatient prefix (a greeting before a question is
+    not "who are you"; an impatient asker gets a polite answer)."""
+    anchors = [i for i, r in enumerate(lora) if IDENTITY_KEYWORD not in r["conversations"][-1]["content"]]
+    rng.shuffle(anchors)
+    n_multi, n_decor = round(len(anchors) * LORA_MULTI_ANCHORS), round(len(anchors) * LORA_DECORATED_ANCHORS)
+    for i, conv in zip(anchors[:n_multi], rng.sample(multi, n_multi)):
+        lora[i] = conv
+    for i in anchors[n_multi:n_multi + n_decor]:
+        (q, a) = (m["content"] for m in lora[i]["conversations"])
+        lang = "en" if q.isascii() else "zh"
+        prefix = rng.choice(IDENTITY_DECOR[lang][0][1:] + TRIGGERS[lang])
+        if prefix in TRIGGERS[lang]:
+            a = POLITE_OPENER[lang] + a
+        lora[i] = {"conversations": chat(prefix + q, a)}
 
 
 def abstain_everywhere(world, rng, seed, single, multi, lora, dpo):
@@ -813,7 +832,7 @@ def fact_row(etype, attr, lang, e, **fields):
 
 
 def eval_files(world, rng, min_mcq=200):
-    ev = {"pretrain": [], "sft": [], "followup": [], "style": [], "demo": [], "ceval": {}}
+    ev = {"pretrain": [], "sft": [], "followup": [], "style": [], "demo": [], "text": [], "ceval": {}}
     entities = [(etype, e) for etype in TYPES for e in world["entities"][etype]]
     held = [(etype, e) for etype, e in entities if e["split"] == "heldout"]
     for etype, e in entities:
@@ -836,6 +855,10 @@ def eval_files(world, rng, min_mcq=200):
                 turns = chat(question(etype, first, lang, k1, e), canonical_answer(etype, first, lang, e))
                 ev["followup"].append(fact_row(etype, attr, lang, e, history=turns,
                                                question=followup_question(etype, attr, lang, k2)))
+    for etype, e in entities:  # biographies in the wordings pretraining withheld: text it never read, for bits per byte
+        for lang in languages(e):
+            sentences = [statement(etype, attr, lang, e["plan"][attr, lang]["held"], e)[0] for attr in attrs_of(etype)]
+            ev["text"].append({"text": ("" if lang == "zh" else " ").join(sentences), "split": e["split"]})
     for fact in REAL_FACTS:
         if "demo" in fact:
             ev["demo"].append({"question": fact["demo"][0], "keywords": fact["demo"][1]})
@@ -907,6 +930,7 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
     single, multi = sft_files(world, rng("sft"), mcq_drills)
     lora, eval_lora = lora_files(world, rng("lora"))
     dpo = dpo_pairs(world, rng("dpo"), "sft", max(300, len(entity_qas(world, "sft")) // 4))
+    vary_lora_anchors(rng("lora-anchors"), lora, multi)
     abstain_everywhere(world, rng("abstain"), seed, single, multi, lora, dpo)
     eval_dpo = dpo_pairs(world, rng("eval-dpo"), "heldout", max(200, len(entity_qas(world, "heldout")) // 2))
     ev = eval_files(world, rng("eval"))
@@ -928,6 +952,7 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
         "eval_dpo": ("eval_dpo.jsonl", _jsonl(eval_dpo)),
         "eval_style": ("eval_style.jsonl", _jsonl(ev["style"])),
         "eval_demo_questions": ("eval_demo_questions.jsonl", _jsonl(ev["demo"])),
+        "eval_text": ("eval_text.jsonl", _jsonl(ev["text"])),
         "eval_abstain": ("eval_abstain.jsonl", _jsonl({"prompt": q, "lang": lang, "kind": kind}
                                                       for q, _, lang, kind in U.abstain_rows(world, seed, True))),
         "eval_open": ("eval_open.jsonl", _jsonl(U.open_prompts(world, rng("eval-open")))),
