@@ -147,6 +147,30 @@ def cpu_kind():
     return f"{model}, --dtype auto: {auto_dtype(torch.device('cpu'))}"
 
 
+def training_chain(args, out, files, tokenizer, vocab, name):
+    """The training stages in order: (stage, command, weights it writes). One chain: each stage starts from the
+    weights of the one before, and the last one's are what the learner chats with."""
+    shape = ["--dim", args.dim, "--n_layers", args.n_layers, "--n_heads", args.n_heads, "--n_kv_heads", args.n_kv_heads]
+    common = ["--out_dir", out, "--tokenizer", tokenizer, "--max_seq_len", args.max_seq_len, "--log_interval", 10,
+              "--save_interval", 200, "--device", "cpu", "--dtype", args.dtype]
+    ep = lambda n: max(1, round(n * args.scale))
+    return [
+        ("pretrain", ["1-pretrain.py", *common, *shape, "--vocab_size", vocab, "--data_path", files["pretrain"],
+                      "--epochs", ep(args.pretrain_epochs), "--batch_size", args.pretrain_batch,
+                      "--learning_rate", args.pretrain_lr, "--warmup_iters", 30], out / name("pretrain")),
+        ("sft", ["3-full_sft.py", *common, "--init", out / name("pretrain"), "--data_path", files["sft_single"],
+                 "--epochs", ep(args.sft_epochs), "--batch_size", 16, "--learning_rate", args.sft_lr,
+                 "--warmup_iters", 10], out / name("full_sft")),
+        ("sft_multi", ["3-full_sft.py", *common, "--init", out / name("full_sft"), "--out_name", "full_sft_multi",
+                       "--data_path", files["sft_multi"], "--epochs", ep(3), "--batch_size", 8,
+                       "--learning_rate", args.multi_lr], out / name("full_sft_multi")),
+        ("lora", ["4-lora_sft.py", *common, "--init", out / name("full_sft_multi"), "--data_path", files["lora"],
+                  "--epochs", ep(2), "--batch_size", 16, "--learning_rate", 1e-2, "--merge"], out / name("lora")),
+        ("dpo", ["5-dpo_train.py", *common, "--init", out / name("lora"), "--data_path", files["dpo"],
+                 "--epochs", ep(2), "--batch_size", 16, "--learning_rate", args.dpo_lr, "--beta", 0.1], out / name("rl")),
+    ]
+
+
 def main():
     args = parse_args()
     pipe = Pipeline(args)
@@ -167,25 +191,10 @@ def main():
     from model.LMConfig import LMConfig
     config = LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads)
     name = lambda prefix: weights_name(prefix, config)
-    shape = ["--dim", args.dim, "--n_layers", args.n_layers, "--n_heads", args.n_heads, "--n_kv_heads", args.n_kv_heads]
-    common = ["--out_dir", out, "--tokenizer", tokenizer, "--max_seq_len", args.max_seq_len, "--log_interval", 10,
-              "--save_interval", 200, "--device", "cpu", "--dtype", args.dtype]
-    ep = lambda n: max(1, round(n * args.scale))
-    pipe.stage("pretrain", ["1-pretrain.py", *common, *shape, "--vocab_size", vocab, "--data_path", files["pretrain"],
-                            "--epochs", ep(args.pretrain_epochs), "--batch_size", args.pretrain_batch,
-                            "--learning_rate", args.pretrain_lr, "--warmup_iters", 30])
-    pipe.stage("sft", ["3-full_sft.py", *common, "--init", out / name("pretrain"), "--data_path", files["sft_single"],
-                       "--epochs", ep(args.sft_epochs), "--batch_size", 16, "--learning_rate", args.sft_lr,
-                       "--warmup_iters", 10])
-    pipe.stage("sft_multi", ["3-full_sft.py", *common, "--init", out / name("full_sft"), "--out_name",
-                             "full_sft_multi", "--data_path", files["sft_multi"], "--epochs", ep(3),
-                             "--batch_size", 8, "--learning_rate", args.multi_lr])
-    # one chain: each stage starts from the one before, and the last one's weights are what the learner chats with
-    pipe.stage("lora", ["4-lora_sft.py", *common, "--init", out / name("full_sft_multi"), "--data_path", files["lora"],
-                        "--epochs", ep(2), "--batch_size", 16, "--learning_rate", 1e-2, "--merge"])
-    pipe.stage("dpo", ["5-dpo_train.py", *common, "--init", out / name("lora"), "--data_path", files["dpo"],
-                       "--epochs", ep(2), "--batch_size", 16, "--learning_rate", args.dpo_lr, "--beta", 0.1])
-    final = out / name("rl")
+    chain = training_chain(args, out, files, tokenizer, vocab, name)
+    for stage, cmd, _ in chain:
+        pipe.stage(stage, cmd)
+    final = chain[-1][2]
     for stage, method in (("ceval", "letter"), ("ceval_cloze", "cloze")):
         pipe.stage(stage, ["eval_ceval.py", "--model", final, "--tokenizer", tokenizer, "--data_dir", files["ceval_dir"],
                            "--out_dir", out / stage, "--method", method, "--batch_size", 16, "--device", "cpu"])

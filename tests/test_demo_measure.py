@@ -161,3 +161,22 @@ def test_report_judges_upper_bounds_and_cross_stage_comparisons():
     assert not verdicts["final.heldout_accuracy"] and not verdicts["final.loop_rate"]
     assert not verdicts["pretrain.fact_accuracy"]
     assert verdicts["lora.leak_rate"] and verdicts["sft.heldout_accuracy"] and verdicts["final.identity"]
+
+
+def test_the_demo_trains_one_chain_and_hands_over_its_end():
+    """Each training stage starts from the weights the stage before wrote; the final model is the last one's."""
+    from pathlib import Path
+
+    import demo
+    from model.checkpoint import weights_name
+    from model.LMConfig import LMConfig
+    args = demo.parse_args([])
+    files = {role: Path(f"data/{role}") for role in ("pretrain", "sft_single", "sft_multi", "lora", "dpo")}
+    name = lambda prefix: weights_name(prefix, LMConfig(dim=args.dim, n_layers=args.n_layers))
+    chain = demo.training_chain(args, Path("out"), files, Path("tok"), 2000, name)
+    assert [stage for stage, _, _ in chain] == ["pretrain", "sft", "sft_multi", "lora", "dpo"]
+    for (_, _, before), (stage, cmd, _) in zip(chain, chain[1:]):
+        assert cmd[cmd.index("--init") + 1] == before, stage
+    lora = next(cmd for stage, cmd, _ in chain if stage == "lora")
+    assert "--merge" in lora  # the merged LoRA model, not a side branch, is what DPO starts from
+    assert chain[-1][2].name == "rl_128.pth"
