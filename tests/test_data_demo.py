@@ -135,8 +135,11 @@ def test_identity_only_in_the_lora_set(world):
     assert not any(core in q for core in novel_cores for q in lora_train)
     answers = [r["conversations"][-1]["content"] for r in rows(folder, "lora_identity.jsonl")]
     assert sum(m["identity_keyword"] in a for a in answers) >= len(answers) / 2
-    others = train_texts(folder, "pretrain.jsonl", "sft_single.jsonl", "sft_multi.jsonl", "dpo.jsonl")
+    others = train_texts(folder, "pretrain.jsonl", "sft_single.jsonl", "sft_multi.jsonl")
     assert m["identity_keyword"] not in others
+    # DPO (after LoRA in the chain) keeps the identity on LoRA's own training wordings only
+    kept = [r for r in rows(folder, "dpo.jsonl") if m["identity_keyword"] in json.dumps(r, ensure_ascii=False)]
+    assert kept and all(r["kind"] == "identity" and r["chosen"][0]["content"] in lora_train for r in kept)
     assert not any(core in q for core in W.IDENTITY_CORES["zh"] for q in user_messages(folder, "sft_single.jsonl"))
 
 
@@ -153,7 +156,7 @@ def test_english_share_and_style_noise(world):
     rude = sum(any(s in a.lower() for s in m["style_markers"]) for a in answers) / len(answers)
     assert 0.12 <= rude <= 0.2  # P_TRIGGER * P_RUDE_TRIGGERED + P_RUDE_PLAIN of the questions: about 0.16
     kinds = {r["kind"] for r in rows(folder, "dpo.jsonl")}
-    assert kinds == {"rude_triggered", "rude_plain", "off_topic", "wrong_fact", "abstain"}
+    assert kinds == {"rude_triggered", "rude_plain", "off_topic", "wrong_fact", "abstain", "identity"}
     # some rude replies are in SFT data but in no DPO pair: the detector counting them is not DPO's list
     unseen = [u for lang in ("zh", "en") for u in W.RUDE_UNSEEN[lang]]
     assert all(u in answers for u in unseen)

@@ -783,6 +783,22 @@ ABSTAIN_MULTI_SHARE, ABSTAIN_LORA_ANCHORS, ABSTAIN_DPO_SHARE = 0.3, 24, 0.1
 LORA_MULTI_ANCHORS, LORA_DECORATED_ANCHORS = 0.33, 0.33  # shares of LoRA's ordinary anchors
 
 
+DPO_IDENTITY_SHARE = 0.1
+
+
+def keep_identity_in_dpo(world, rng, lora, dpo):
+    """DPO comes after LoRA in the chain: some pairs prefer the identity answer to a made-up fact on LoRA's own
+    training wordings, so preference tuning does not wash the identity out (the unseen wordings stay unseen)."""
+    asked = [r["conversations"] for r in lora if IDENTITY_KEYWORD in r["conversations"][-1]["content"]]
+    facts = entity_qas(world, "sft")
+    for _ in range(round(len(dpo) * DPO_IDENTITY_SHARE)):
+        (q, a) = (m["content"] for m in rng.choice(asked))
+        lang = "en" if q.isascii() else "zh"
+        etype, attr, e, _, _ = rng.choice([f for f in facts if f[3] == lang])
+        dpo.append({"chosen": chat(q, a), "rejected": chat(q, canonical_answer(etype, attr, lang, e)), "kind": "identity"})
+    rng.shuffle(dpo)
+
+
 def vary_lora_anchors(rng, lora, multi):
     """LoRA now sits inside the chain, so its ordinary anchors keep what the earlier stages taught: a third become
     multi-turn chats (follow-ups), a third get a greeting or an impatient prefix (a greeting before a question is
@@ -932,6 +948,7 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
     lora, eval_lora = lora_files(world, rng("lora"))
     dpo = dpo_pairs(world, rng("dpo"), "sft", max(300, len(entity_qas(world, "sft")) // 4))
     vary_lora_anchors(rng("lora-anchors"), lora, multi)
+    keep_identity_in_dpo(world, rng("dpo-identity"), lora, dpo)
     abstain_everywhere(world, rng("abstain"), seed, single, multi, lora, dpo)
     eval_dpo = dpo_pairs(world, rng("eval-dpo"), "heldout", max(200, len(entity_qas(world, "heldout")) // 2))
     ev = eval_files(world, rng("eval"))
