@@ -22,6 +22,7 @@ few byte-level pieces each. As special tokens they would cost new embedding rows
 checkpoint lacks and would have to be resized and trained for, and a new GGUF vocabulary) for a few tokens saved per
 turn.
 """
+import functools
 import json
 import re
 
@@ -152,6 +153,12 @@ class Encoder:
         return ids + (self.encode(prefix) if prefix else [])
 
 
+@functools.lru_cache(maxsize=8)
+def encoder_for(tokenizer):
+    """One Encoder per tokenizer (its fixed pieces are encoded once)."""
+    return Encoder(tokenizer)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the same format as a Jinja chat template (transformers' apply_chat_template, trl, the GGUF's llama.cpp)
 
@@ -260,7 +267,7 @@ def check_conversation(msgs, name, final="assistant"):
                    "assistant": ("tool",) if m.get("tool_calls") else ("user",)}[m["role"]]
         after = "a tool call" if m.get("tool_calls") else f"a {m['role']} message"
     if final and (not turns or turns[-1]["role"] != final):
-        raise FormatError(f"{name}: the last message must be the assistant's")
+        raise FormatError(f"{name}: the last message must be the {final}'s")
     return out
 
 

@@ -9,11 +9,11 @@ from collections import Counter
 
 from tqdm import tqdm
 
+from .chat_format import FormatError, check_conversation
 from .files import atomic_open, temp_path
 
 BOM = b"\xef\xbb\xbf"
 DEFAULT_MAX_LINE_BYTES = 4 << 20  # 4 MiB: far above any sane record, far below a memory problem
-ROLES = ("system", "user", "assistant")
 
 
 class DataError(Exception):
@@ -253,27 +253,13 @@ def field(obj, name, kind, required=True):
 
 
 def check_messages(msgs, name, last="assistant"):
-    """Validate a chat: optional system first, then user/assistant alternating, ending with `last` (a prompt for
-    the model to answer ends with the user)."""
-    if not isinstance(msgs, list) or not msgs:
-        raise BadRecord(f"field '{name}' must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise BadRecord(f"{name}[{i}] must be an object with 'role' and 'content'")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise BadRecord(f"{name}[{i}].role must be one of {'/'.join(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise BadRecord(f"{name}[{i}].content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
-    turns = out[1:] if out[0]["role"] == "system" else out
-    for i, m in enumerate(turns):
-        if m["role"] != ("user", "assistant")[i % 2]:
-            raise BadRecord(f"{name}: expected user/assistant turns alternating after an optional system message")
-    if not turns or turns[-1]["role"] != last:
-        raise BadRecord(f"{name}: the last message must be the {last}'s")
-    return out
+    """A chat as the format allows it (model/chat_format.py): system text anywhere, user and assistant turns
+    alternating, tool results after a tool call, ending with `last` (a prompt for the model to answer ends with the
+    user)."""
+    try:
+        return check_conversation(msgs, name, final=last)
+    except FormatError as e:
+        raise BadRecord(str(e)) from None
 
 
 def pretrain_record(obj, max_chars=512):
@@ -297,8 +283,12 @@ def sft_turns(obj):
     """(system, history [(q, a)], q, a) from a deepctrl row or a {"conversations": [...]} row."""
     if "conversations" in obj:
         msgs = check_messages(obj["conversations"], "conversations")
-        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-        turns = msgs[1:] if system is not None else msgs
+        if any(m["role"] == "tool" or len(m) > 2 for m in msgs):
+            raise BadRecord("tool calls and thinking are kept only in the JSONL chat form; this converter writes "
+                            "plain question-answer chats")
+        systems = [m["content"] for m in msgs if m["role"] == "system"]
+        system = "\n".join(systems) if systems else None
+        turns = [m for m in msgs if m["role"] != "system"]
         pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns), 2)]
         return system, pairs[:-1], pairs[-1][0], pairs[-1][1]
     if "instruction" not in obj and "output" not in obj:

@@ -11,6 +11,7 @@ from shlex import quote
 import torch
 
 from .files import atomic_write, first_line
+from .chat_format import encoder_for
 from .dataset import format_mcq  # the MCQ layout the SFT data teaches; scoring must ask the same way
 
 # ---------------------------------------------------------------------------------------------------------
@@ -45,15 +46,16 @@ def read_prompts(path):
 
 
 def chat_input_ids(tokenizer, messages, budget):
-    """Token ids of the chat prompt (ending in the assistant header); oldest turns dropped to fit `budget` tokens."""
-    messages = list(messages)
-    first = 1 if messages and messages[0]["role"] == "system" else 0  # the system text always stays
+    """Token ids of the chat prompt (ending in the assistant header); oldest exchanges (a question and all that
+    answered it, tool results included) dropped to fit `budget` tokens. System texts always stay."""
+    systems = [m for m in messages if m["role"] == "system"]
+    rest = [m for m in messages if m["role"] != "system"]
     while True:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) <= budget or len(messages) - first <= 1:
+        ids = encoder_for(tokenizer).prompt(systems + rest)
+        questions = [i for i, m in enumerate(rest) if m["role"] == "user"]
+        if len(ids) <= budget or len(questions) <= 1:
             return ids[-budget:]  # a single question still too long keeps its end (and the assistant header)
-        messages = messages[:first] + messages[first + 2:]  # drop the oldest question and its answer
+        rest = rest[questions[1]:]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,9 +152,7 @@ def is_utf8(raw):
 
 
 def mcq_prompt_ids(tokenizer, q: Question):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": format_mcq(q.question, list(q.options))}],
-                                         tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return encoder_for(tokenizer).prompt([{"role": "user", "content": format_mcq(q.question, list(q.options))}])
 
 
 def letter_token_ids(tokenizer, prompt_ids):

@@ -19,8 +19,8 @@ Usage
     req = sched.submit(messages, params, on_event)        # on_event(delta, finish_reason) runs on its thread
     sched.cancel(req)                                     # e.g. the client left: its slot is freed before the next step
 
-A prompt is a list of chat messages (rendered with the tokenizer's chat template), a str (tokenized as is;
-write "<s>" yourself where the model expects it) or a list of token ids.
+A prompt is a list of chat messages (encoded as model/chat_format.py says: the ids training gives that chat), a str
+(tokenized as is; write "<s>" yourself where the model expects it) or a list of token ids.
 
 Sampling (SamplingParams fields, or keyword arguments of stream/complete):
     temperature         0 = greedy (argmax), else logits / temperature, at most 2 default 0.7
@@ -67,6 +67,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import chat_format
 
 log = logging.getLogger(__name__)
 
@@ -354,18 +356,9 @@ class Request:
                           self.truncated, list(self.token_ids), list(self.logprobs), self.prompt_logprobs)
 
 
-def chat_prompt(tokenizer, messages):
-    """The prompt text for chat messages, ready for the assistant's answer."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # the seed's format, for a tokenizer folder without a template
-    text = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-    for m in messages:
-        if m["role"] == "user":
-            text += f"<s>user\n{m['content']}</s>\n<s>assistant\n"
-        elif m["role"] == "assistant":
-            text += f"{m['content']}</s>\n"
-    return text
+def chat_prompt(tokenizer, messages, **options):
+    """The prompt text for chat messages, ready for the assistant's answer (options: chat_format.render's)."""
+    return chat_format.render(messages, add_generation_prompt=True, **options)
 
 
 class SkinnyWeight:
@@ -480,8 +473,8 @@ class Engine:
     def encode(self, prompt):
         if isinstance(prompt, str):
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if prompt and isinstance(prompt[0], dict):
-            return self.tokenizer(chat_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        if prompt and isinstance(prompt[0], dict):  # the ids training gave the same chat (model/chat_format.py)
+            return chat_format.encoder_for(self.tokenizer).prompt(prompt)
         return list(prompt)
 
     def prepare(self, prompt, params=None, on_event=None):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import chat_format
 from .files import atomic_write
 from .LMConfig import LMConfig
 
@@ -87,7 +88,7 @@ def tokenizer_fields(tokenizer_dir, vocab_size):
         tokens[i], types = f"[PAD{i}]", types + [TokenType.UNUSED]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     ids = {name: getattr(tok, f"{name}_token_id") for name in ("bos", "eos", "unk", "pad")}
-    return dict(tokens=tokens, types=types, merges=merges, ids=ids, chat_template=tok.chat_template,
+    return dict(tokens=tokens, types=types, merges=merges, ids=ids, chat_template=chat_format.CHAT_TEMPLATE,
                 add_bos=bool(getattr(tok, "add_bos_token", False)), add_eos=bool(getattr(tok, "add_eos_token", False)))
 
 
@@ -145,8 +146,7 @@ def add_tokenizer_fields(w, tok):
             add(tok["ids"][key])
     w.add_add_bos_token(tok["add_bos"])
     w.add_add_eos_token(tok["add_eos"])
-    if tok["chat_template"]:
-        w.add_chat_template(tok["chat_template"])
+    w.add_chat_template(tok["chat_template"])  # the model's format, whatever template the tokenizer folder has
 
 
 def write_gguf(model, tokenizer_dir, path, outtype="f32", name="MiniMind"):
