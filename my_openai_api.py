@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from contextlib import aclosing
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -28,12 +28,13 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from model import chat_format
 from model.checkpoint import weights_name
 from model.cli import add_model_args, load_or_exit
 from model.generate import Engine, SamplingParams, Scheduler, sampling_problem, single_torch_thread
 
 log = logging.getLogger("minimind.api")
-ROLES = ("system", "user", "assistant", "developer")  # "developer" is OpenAI's newer name for system
+ROLES = ("system", "user", "assistant", "tool", "developer")  # "developer" is OpenAI's newer name for system
 DEFAULTS = SamplingParams()  # a field a request leaves out (or sends as null) gets its default
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: hundreds of thousands of characters, far beyond any context
 SURROGATE = re.compile("[\ud800-\udfff]")  # a lone UTF-16 half: valid in a JSON escape, not as text
@@ -101,7 +102,10 @@ def parse_messages(messages):
             raise bad(f"messages[{i}].role", f"messages[{i}].role is required", "missing_required_parameter")
         if not isinstance(role, str) or role not in ROLES:
             raise bad(f"messages[{i}].role",
-                      f"messages[{i}].role {short(role)} is not one of 'system', 'user', 'assistant'")
+                      f"messages[{i}].role {short(role)} is not one of 'system', 'user', 'assistant', 'tool'")
+        extras = message_tool_fields(i, m, role)
+        if content is None and extras.get("tool_calls"):
+            content = ""  # OpenAI sends null content beside tool calls
         if isinstance(content, list):  # content parts: only text is understood
             texts = []
             for j, part in enumerate(content):
@@ -115,8 +119,8 @@ def parse_messages(messages):
         if (half := SURROGATE.search(content)) is not None:
             raise bad(f"messages[{i}].content", f"messages[{i}].content holds a lone UTF-16 surrogate "
                       f"\\u{ord(half.group()):04x} at character {half.start()}: not valid Unicode text")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
-    if not any(m["role"] in ("user", "assistant") for m in out):
+        out.append({"role": "system" if role == "developer" else role, "content": content, **extras})
+    if not any(m["role"] in ("user", "assistant", "tool") for m in out):
         raise bad("messages", "'messages' must include a user (or assistant) message")
     return out
 
@@ -257,6 +261,170 @@ def parse_completion_request(body):
     scored = logprobs if echo and logprobs is not None else 0 if max_tokens == 0 else None  # 0: prefill only
     params = replace(params, max_new_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=scored)
     return prompts, params, stream, include_usage, bool(echo)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tools and thinking: OpenAI's tools API and DeepSeek's reasoning_content over model/chat_format.py
+
+
+def message_tool_fields(i, m, role):
+    """The tool-call fields of message i: an assistant's tool_calls and reasoning_content, a tool's tool_call_id."""
+    out = {}
+    if role == "assistant":
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise bad(f"messages[{i}].tool_calls", f"messages[{i}].tool_calls must be an array")
+            out["tool_calls"] = []
+            for j, call in enumerate(calls):
+                where = f"messages[{i}].tool_calls[{j}]"
+                if not isinstance(call, dict) or call.get("type", "function") != "function" \
+                        or not isinstance(call.get("function"), dict):
+                    raise bad(where, f"{where} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}")
+                if not isinstance(call["function"].get("arguments"), str):
+                    raise bad(f"{where}.function.arguments", f"{where}.function.arguments must be a JSON string")
+                try:
+                    checked = chat_format.check_call(call, where)
+                except chat_format.FormatError as e:
+                    raise bad(where, str(e)) from None
+                # the arguments as the model wrote them: what a client sends back is rendered verbatim
+                out["tool_calls"].append({"name": checked["name"], "arguments": call["function"]["arguments"]})
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None:
+            if not isinstance(reasoning, str) or SURROGATE.search(reasoning):
+                raise bad(f"messages[{i}].reasoning_content", f"messages[{i}].reasoning_content must be text")
+            out["reasoning_content"] = reasoning
+    elif role == "tool" and not isinstance(m.get("tool_call_id"), str):
+        raise bad(f"messages[{i}].tool_call_id", f"messages[{i}].tool_call_id is required: the id of the call "
+                  "this message answers", "missing_required_parameter")
+    return out
+
+
+@dataclass
+class ChatOptions:
+    """What a request asks of the chat format: the tools offered, the forced start of a tool call, thinking."""
+    tools: list = None  # offered to the model; None when none are offered or tool_choice is "none"
+    prefix: str = ""  # tool_choice "required" or named: the answer starts as a tool call
+    enable_thinking: bool = None  # None: the model decides
+
+    def start(self):
+        """The part of the answer the prompt already holds, which the reply reader reads first."""
+        think = {False: chat_format.THINK_OFF, True: chat_format.THINK_OPEN}.get(self.enable_thinking, "")
+        return think + self.prefix
+
+
+def parse_tool_options(body):
+    """ChatOptions from tools, tool_choice, parallel_tool_calls and chat_template_kwargs (400 naming the field)."""
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad("tools", "'tools' must be an array of function definitions")
+    names = []
+    for i, tool in enumerate(tools or ()):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise bad(f"tools[{i}].type", f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}: "
+                      "this server calls functions only")
+        f = tool.get("function")
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not chat_format.TOOL_NAME.fullmatch(f["name"]):
+            raise bad(f"tools[{i}].function.name", f"tools[{i}].function.name must be 1-64 letters, digits, '_' "
+                      "or '-'")
+        if f["name"] in names:
+            raise bad(f"tools[{i}].function.name", f"tools[{i}]: the function name {f['name']!r} is given twice")
+        names.append(f["name"])
+        description, params = f.get("description"), f.get("parameters")
+        if description is not None and (not isinstance(description, str) or SURROGATE.search(description)):
+            raise bad(f"tools[{i}].function.description", f"tools[{i}].function.description must be text")
+        if params is not None and (not isinstance(params, dict)
+                                   or not isinstance(params.get("properties", {}), (dict, type(None)))):
+            raise bad(f"tools[{i}].function.parameters", f"tools[{i}].function.parameters must be a JSON Schema "
+                      "object whose 'properties' is an object")
+        if SURROGATE.search(" ".join(map(str, (params or {}).get("properties") or {}))):
+            raise bad(f"tools[{i}].function.parameters", f"tools[{i}].function.parameters names must be text")
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto"
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) and \
+        choice.get("type") == "function" and isinstance(choice.get("function"), dict) else None
+    if choice not in ("auto", "none", "required") and not isinstance(named, str):
+        raise bad("tool_choice", "'tool_choice' must be 'auto', 'none', 'required' or "
+                  "{'type': 'function', 'function': {'name': ...}}")
+    if (choice == "required" or named) and not names:
+        raise bad("tool_choice", "'tool_choice' asks for a tool call but no 'tools' are given")
+    if named and named not in names:
+        raise bad("tool_choice", f"'tool_choice' names {short(named)}, which is not among the tools")
+    if body.get("parallel_tool_calls") not in (None, True):
+        raise bad("parallel_tool_calls", "'parallel_tool_calls' false is not supported: the model may call several "
+                  "tools in one answer")
+    for legacy in ("functions", "function_call"):
+        if body.get(legacy) is not None:
+            raise bad(legacy, f"'{legacy}' is OpenAI's deprecated form; send 'tools' and 'tool_choice'")
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise bad("chat_template_kwargs", "'chat_template_kwargs' must be an object")
+    for key in kwargs or ():
+        if key != "enable_thinking":
+            raise bad(f"chat_template_kwargs.{key}", f"chat_template_kwargs.{short(key)} is not understood: the "
+                      "template takes only 'enable_thinking'")
+    thinking = (kwargs or {}).get("enable_thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise bad("chat_template_kwargs.enable_thinking", "chat_template_kwargs.enable_thinking must be a boolean")
+    forced = choice == "required" or bool(named)
+    if forced and thinking:
+        raise bad("tool_choice", "a forced tool call starts the answer, so it cannot also start with thinking "
+                  "(chat_template_kwargs.enable_thinking: true)")
+    offered = tools if names and choice != "none" else None
+    return ChatOptions(offered, chat_format.forced_call_prefix(named) if forced else "", thinking)
+
+
+def reply_events(reader, text, final=False):
+    """The reply reader's events for one more delta (and, final, what it held back)."""
+    return reader.feed(text) + (reader.close() if final else [])
+
+
+def openai_tool_call(call, index=None):
+    out = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+           "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+    return out if index is None else {"index": index, **out}
+
+
+def assistant_message(events):
+    """The chat.completion message of a whole answer's events: content, reasoning_content, tool_calls."""
+    content = "".join(t for k, t in events if k == "content")
+    reasoning = "".join(t for k, t in events if k == "reasoning")
+    calls = [openai_tool_call(c) for k, c in events if k == "call"]
+    message = {"role": "assistant", "content": content or (None if calls else "")}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def stream_deltas(events, n_calls):
+    """Chunk deltas for reader events, tool calls as OpenAI streams them: the name first, then the arguments."""
+    deltas = []
+    for kind, value in events:
+        if kind == "call":
+            call = openai_tool_call(value, n_calls)
+            arguments = call["function"].pop("arguments")
+            call["function"]["arguments"] = ""
+            deltas += [{"tool_calls": [call]}, {"tool_calls": [{"index": n_calls, "function": {"arguments": arguments}}]}]
+            n_calls += 1
+        else:
+            deltas.append({"reasoning_content" if kind == "reasoning" else "content": value})
+    return deltas, n_calls
+
+
+def reply_deltas(reply, delta, final=False):
+    """Stream deltas of generated text: reasoning_content, content and tool-call deltas."""
+    first_index = reply.n_calls
+    return stream_deltas(reply.read(delta, final), first_index)[0]
+
+
+def model_features():
+    """What /v1/models says the server does with this model's chat format."""
+    return {"tools": True, "tool_choice": ["auto", "none", "required", "named"], "parallel_tool_calls": True,
+            "reasoning_content": True, "chat_template_kwargs": ["enable_thinking"],
+            "chat_format": "model/chat_format.py"}
 
 
 class EventRelay:
@@ -436,10 +604,13 @@ class TokenText:
 class Reply:
     """The OpenAI objects of one answer: chat.completion, its chat.completion.chunk events, usage."""
 
-    def __init__(self, model_name, req, tokens=None):
+    def __init__(self, model_name, req, tokens=None, options=None, stats=None):
         self.model, self.req, self.tokens = model_name, req, tokens
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.logprobs_sent = 0
+        options = options or ChatOptions()
+        self.reader = chat_format.ReplyReader(options.tools, options.start())  # thinking, content, tool calls
+        self.stats, self.n_calls = stats if stats is not None else {}, 0
 
     def new_logprobs(self):
         """The logprobs object for the tokens generated since the last call (None when not asked for)."""
@@ -449,14 +620,27 @@ class Reply:
         self.logprobs_sent += len(entries)
         return {"content": self.tokens.chat(entries), "refusal": None}
 
+    def read(self, delta, final=False):
+        """Reader events for generated text; at the end the answer's tool calls are counted (/health)."""
+        events = reply_events(self.reader, delta, final)
+        self.n_calls += sum(kind == "call" for kind, _ in events)
+        if final:
+            for key, n in (("tool_calls", self.n_calls), ("garbled_tool_calls", self.reader.garbled)):
+                self.stats[key] = self.stats.get(key, 0) + n
+        return events
+
+    def finish_reason(self, finish):
+        return "tool_calls" if self.n_calls and finish == "stop" else finish
+
     def usage(self):
         prompt, generated = len(self.req.prompt_ids), self.req.n_generated
         return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
     def completion(self, text, finish):
+        message = assistant_message(self.read(text, final=True))
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish, "logprobs": self.new_logprobs()}],
+                "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason(finish),
+                             "logprobs": self.new_logprobs()}],
                 "usage": self.usage()}
 
     def chunk(self, delta, finish=None, with_usage=False):
@@ -493,10 +677,13 @@ async def sse(reply, events, include_usage):
                 yield f"data: {json.dumps({'error': err})}\n\n"
                 return
             if delta:
-                yield reply.chunk({"content": delta})
+                for chunk in reply_deltas(reply, delta):
+                    yield reply.chunk(chunk)
     if finish is None:
         return  # the client has gone away
-    yield reply.chunk({}, finish)
+    for chunk in reply_deltas(reply, "", final=True):
+        yield reply.chunk(chunk)
+    yield reply.chunk({}, reply.finish_reason(finish))
     if include_usage:
         yield reply.chunk(None, with_usage=True)
     yield "data: [DONE]\n\n"
@@ -614,6 +801,7 @@ async def text_sse(reply, events, include_usage):
 def create_app(scheduler, model_name, api_key=None, strict_context=False, strict_model_name=False,
                max_body_bytes=DEFAULT_MAX_BODY_BYTES):
     relays = {}  # one per event loop (tests start several)
+    tool_stats = {"tool_calls": 0, "garbled_tool_calls": 0}  # answers' tool calls, and those returned as text
 
     async def check_key(request: Request):
         if not api_key:
@@ -653,7 +841,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **scheduler.stats()}
+        return {"status": "ok", "model": model_name, **scheduler.stats(), **tool_stats}
 
     @v1.get("/models", responses=error_responses(401))
     async def models():
@@ -661,7 +849,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
                 "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "minimind",
                           "context_length": engine.max_len,
                           # one model per server: a request naming any other model gets this one
-                          "answers_any_model_name": not strict_model_name}]}
+                          "answers_any_model_name": not strict_model_name, "features": model_features()}]}
 
     def check_model_name(body):
         if strict_model_name and body.get("model") not in (None, model_name):
@@ -672,8 +860,10 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
         """The CPU work of a request, run off the event loop: JSON, validation, the chat template, tokenization."""
         body = parse_json(raw)
         messages, params, stream, include_usage = parse_request(body)
+        options = parse_tool_options(body)
         check_model_name(body)
-        prompt_ids = engine.encode(messages)
+        prompt_ids = chat_format.encoder_for(engine.tokenizer).prompt(messages, options.tools, options.enable_thinking,
+                                                                     options.prefix)
         if not prompt_ids:
             raise bad("messages", "the messages make an empty prompt")
         if strict_context:
@@ -681,7 +871,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
             if len(prompt_ids) > limit:
                 raise bad("messages", f"the prompt is {len(prompt_ids)} tokens; with max_tokens it must fit the "
                           f"context of {engine.max_len} tokens", "context_length_exceeded")
-        return prompt_ids, params, stream, include_usage
+        return prompt_ids, params, stream, include_usage, options
 
     chat_openapi = {"requestBody": {"required": True,
                                     "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}}}
@@ -696,7 +886,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
     @v1.post("/chat/completions", openapi_extra=chat_openapi, responses=chat_responses)
     async def chat_completions(request: Request):
         raw = await read_body(request, max_body_bytes)
-        prompt_ids, params, stream, include_usage = await asyncio.to_thread(prepare, raw)
+        prompt_ids, params, stream, include_usage, options = await asyncio.to_thread(prepare, raw)
         loop = asyncio.get_running_loop()
         relay = relays.get(loop) or relays.setdefault(loop, EventRelay(loop))
         queue = asyncio.Queue()
@@ -704,7 +894,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
         if req.truncated:
             log.warning("prompt of %d tokens cut from the left by %d to fit the context of %d",
                         len(prompt_ids), req.truncated, engine.max_len)
-        reply = Reply(model_name, req, tokens)
+        reply = Reply(model_name, req, tokens, options, tool_stats)
         events = generation(scheduler, req, queue, request)
         headers = {"X-Prompt-Tokens-Truncated": str(req.truncated)}
         if stream:

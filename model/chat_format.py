@@ -115,8 +115,10 @@ def render(messages, tools=None, add_generation_prompt=False, enable_thinking=No
 
 
 def forced_call_prefix(name=None):
-    """What the generation prompt ends with to make the answer a tool call (tool_choice "required" or a name)."""
-    return CALL_OPEN + ('{"name": "' + name + '", "arguments": ' if name else "")
+    """What the generation prompt ends with to make the answer a tool call (tool_choice "required" or a name). It
+    stops where the tokenizer splits the same text in training (before the space), or the model would continue
+    from a token boundary it never saw."""
+    return CALL_OPEN + ('{"name": "' + name + '", "arguments":' if name else "")
 
 
 class Encoder:

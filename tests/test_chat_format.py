@@ -140,7 +140,7 @@ def test_generation_prompt_options():
     after_answer = chat + [{"role": "assistant", "content": "hello"}]  # a trailing answer: a new turn follows
     assert cf.render(after_answer, add_generation_prompt=True).endswith("hello</s>\n<s>assistant\n")
     assert cf.forced_call_prefix() == "<tool_call>"
-    assert cf.forced_call_prefix("lookup") == '<tool_call>{"name": "lookup", "arguments": '
+    assert cf.forced_call_prefix("lookup") == '<tool_call>{"name": "lookup", "arguments":'
 
 
 def test_training_data_check_accepts_the_format_and_names_problems():
@@ -169,7 +169,7 @@ REPLIES = [  # (generated text, start, tools offered?) -> (reasoning, content, c
     ("答案", cf.THINK_OFF, True, ("", "答案", [], 0)),
     ('<tool_call>{"name": "lookup", "arguments": {"name": "卡洛"}}</tool_call>', "", True,
      ("", "", [{"name": "lookup", "arguments": {"name": "卡洛"}}], 0)),
-    ('{"expression": "2*3"}}</tool_call>', cf.forced_call_prefix("calculate"), True,
+    (' {"expression": "2*3"}}</tool_call>', cf.forced_call_prefix("calculate"), True,
      ("", "", [{"name": "calculate", "arguments": {"expression": "2*3"}}], 0)),
     ('<tool_call>{"name": "lookup", "arguments": {"name": </tool_call>', "", True,
      ("", '<tool_call>{"name": "lookup", "arguments": {"name": </tool_call>', [], 1)),
@@ -206,3 +206,11 @@ def test_call_arguments_render_back_as_the_model_wrote_them():
     as_openai = {"type": "function", "function": {"name": "lookup",
                                                   "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
     assert cf.call_text(as_openai) == text
+
+
+def test_forced_call_prefix_ends_on_a_token_boundary_training_has(tok):
+    for name, args in (("lookup", {"name": "卡洛维"}), ("calculate", {"expression": "12*7"})):
+        trained = tok.encode(cf.call_text({"name": name, "arguments": args}), add_special_tokens=False)
+        for prefix in (cf.forced_call_prefix(), cf.forced_call_prefix(name)):
+            ids = tok.encode(prefix, add_special_tokens=False)
+            assert trained[:len(ids)] == ids
