@@ -230,6 +230,26 @@ def check_call(call, where, names=None):
     return {"name": name, "arguments": args}
 
 
+def check_tools(tools, name):
+    """Tools offered in a training row: a list of function definitions with valid, distinct names."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise FormatError(f"field '{name}' must be a list of function definitions")
+    names = set()
+    for i, tool in enumerate(tools):
+        f = function_of(tool) if isinstance(tool, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not TOOL_NAME.fullmatch(f["name"]) \
+                or f["name"] in names:
+            raise FormatError(f"{name}[{i}] must be a function definition with a new name of 1-64 letters, digits, "
+                              "'_' or '-'")
+        if not isinstance(f.get("parameters") or {}, dict) or not isinstance(
+                (f.get("parameters") or {}).get("properties") or {}, dict):
+            raise FormatError(f"{name}[{i}].parameters must be a JSON Schema object")
+        names.add(f["name"])
+    return tools
+
+
 def check_conversation(msgs, name, final="assistant"):
     """Plain messages of a training conversation: system anywhere; then user, assistant (optionally thinking and
     calling tools), tool results after a call, ...; ending with the assistant's turn. FormatError names the field."""

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .files import WriteError, atomic_open, atomic_write
-from .chat_format import Encoder
+from .chat_format import Encoder, FormatError, check_tools
 from .convert import BOM, DataError, check_messages, BadRecord, missing_file_error
 
 IGNORE_INDEX = -100  # label value that carries no loss (prompt positions, padding)
@@ -381,7 +381,8 @@ class _ChatDataset(_JsonlDataset):
 
 
 class SFTDataset(_ChatDataset):
-    """Chats from JSONL {"conversations": [...]} or CSV (history, q, a); loss on assistant tokens only."""
+    """Chats from JSONL {"conversations": [...], optional "tools": [...], "enable_thinking": bool} or CSV (history, q,
+    a); loss on assistant tokens only (tool calls and thoughts included)."""
 
     kind = "sft"
 
@@ -406,8 +407,22 @@ class SFTDataset(_ChatDataset):
                 raise self.error(i, f"unreadable CSV record ({e.__class__.__name__}: {e})") from None
         return self.chat(i, self.record(i).get("conversations"), "conversations")
 
+    def options(self, i):
+        """A JSONL row's chat options: the tools it offers and its thinking switch (model/chat_format.py)."""
+        if self.index.is_csv:
+            return {}
+        row = self.record(i)
+        try:
+            tools = check_tools(row.get("tools"), "tools")
+        except FormatError as e:
+            raise self.error(i, str(e)) from None
+        thinking = row.get("enable_thinking")
+        if thinking is not None and not isinstance(thinking, bool):
+            raise self.error(i, "field 'enable_thinking' must be true, false or null")
+        return {"tools": tools, "enable_thinking": thinking}
+
     def __getitem__(self, i):
-        ids, labels = self.encoder(self.messages(i), self.max_length)
+        ids, labels = self.encoder(self.messages(i), self.max_length, **self.options(i))
         return _tensors(input_ids=ids, labels=labels)
 
 
