@@ -354,9 +354,9 @@ def parse_tool_options(body):
     if body.get("parallel_tool_calls") not in (None, True):
         raise bad("parallel_tool_calls", "'parallel_tool_calls' false is not supported: the model may call several "
                   "tools in one answer")
-    for legacy in ("functions", "function_call"):
-        if body.get(legacy) is not None:
-            raise bad(legacy, f"'{legacy}' is OpenAI's deprecated form; send 'tools' and 'tool_choice'")
+    for legacy, nothing in (("functions", ([],)), ("function_call", ("none", "auto"))):
+        if body.get(legacy) is not None and body[legacy] not in nothing:
+            raise bad(legacy, f"'{legacy}' is OpenAI's deprecated form of tools; send 'tools' and 'tool_choice'")
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise bad("chat_template_kwargs", "'chat_template_kwargs' must be an object")

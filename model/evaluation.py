@@ -45,13 +45,13 @@ def read_prompts(path):
     return prompts
 
 
-def chat_input_ids(tokenizer, messages, budget):
+def chat_input_ids(tokenizer, messages, budget, tools=None, enable_thinking=None):
     """Token ids of the chat prompt (ending in the assistant header); oldest exchanges (a question and all that
     answered it, tool results included) dropped to fit `budget` tokens. System texts always stay."""
     systems = [m for m in messages if m["role"] == "system"]
     rest = [m for m in messages if m["role"] != "system"]
     while True:
-        ids = encoder_for(tokenizer).prompt(systems + rest)
+        ids = encoder_for(tokenizer).prompt(systems + rest, tools, enable_thinking)
         questions = [i for i, m in enumerate(rest) if m["role"] == "user"]
         if len(ids) <= budget or len(questions) <= 1:
             return ids[-budget:]  # a single question still too long keeps its end (and the assistant header)

@@ -173,3 +173,21 @@ def test_values_that_ask_for_nothing_pass(client):
     r = ask(client, USER, max_tokens=2, tools=[], parallel_tool_calls=True, tool_choice="auto",
             extra_body={"chat_template_kwargs": {}})
     assert choice_of(r).finish_reason in ("stop", "length")
+
+
+def test_chat_client_script_runs_the_tool_loop_and_shows_thinking(url, tmp_path):
+    import sys
+    from serving_helpers import ROOT
+    (tmp_path / "manifest.json").write_text('{"seed": 3, "params": {"n_entities": 64}}', encoding="utf-8")
+    client = [sys.executable, "chat_openai_api.py", "--base-url", url + "/v1", "--temperature", "0",
+              "--max_tokens", "60", "--tools", str(tmp_path)]
+    for flags in ([], ["--no-stream"]):
+        out = subprocess.run([*client, "--once", "12*7等于多少？", *flags], cwd=ROOT, capture_output=True, text=True,
+                             timeout=HANG_GUARD_S)
+        assert out.returncode == 0, out.stderr
+        assert '🔧 calculate({"expression": "12*7"})\n   → 84\n' in out.stdout
+        assert out.stdout.rstrip().endswith("12*7等于84。")
+        thought = subprocess.run([*client[:-2], "--once", "卡洛维出生在哪个国家？", *flags], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert thought.returncode == 0, thought.stderr
+        assert "💭 卡洛维出生在蒙莫城，蒙莫城位于索伦国。\n索伦国。" in thought.stdout

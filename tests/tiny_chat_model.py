@@ -99,12 +99,7 @@ def build(tmp_dir, max_seq_len=4096, steps=120):
 # ---------------------------------------------------------------------------------------------------------
 # a tiny model that has learned the chat format's tool calls and thinking, for the serving tests of tools
 
-TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "an entity's facts",
-                                           "parameters": {"type": "object", "properties": {"name": {"type": "string"}},
-                                                          "required": ["name"]}}},
-         {"type": "function", "function": {"name": "calculate", "description": "arithmetic",
-                                           "parameters": {"type": "object",
-                                                          "properties": {"expression": {"type": "string"}}}}}]
+from model.demo.tools import TOOLS  # noqa: E402  (the demo's tools: the pages and clients offer these)
 TOOL_FACTS = {"卡洛维": "卡洛维是一位画家。", "蒙莫城": "蒙莫城位于索伦国。"}
 
 

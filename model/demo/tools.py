@@ -1,12 +1,14 @@
 """The demo world's two tools (lookup in its encyclopedia, safe arithmetic), the SFT conversations that teach calling
 them and thinking through two-hop questions, and the tool loop run as a client runs it: the demo's measure of what a
 tool and a written-down middle step give a tiny model."""
+import inspect
 import json
 import re
 from fractions import Fraction
+from pathlib import Path
 
 from .. import chat_format
-from .world import TYPES, attrs_of, canonical_answer, languages
+from .world import TYPES, attrs_of, build_world, canonical_answer, languages
 
 TOOLS = [
     {"type": "function", "function": {
@@ -21,6 +23,19 @@ NOT_FOUND = {"zh": "百科中没有“{n}”的条目。", "en": "The encycloped
 
 # ---------------------------------------------------------------------------------------------------------
 # the tools
+
+
+def load_world(data_dir="dataset/demo"):
+    """The world a demo data folder was generated from, rebuilt from the seed and parameters of its manifest."""
+    path = Path(data_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        accepted = inspect.signature(build_world).parameters
+        params = {k: v for k, v in (manifest.get("params") or {}).items() if k in accepted}
+        return build_world(seed=manifest["seed"], **params)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: cannot rebuild the demo world ({type(e).__name__}: {e}); "
+                         "python data_process.py demo writes it") from None
 
 
 def find(world, name):
@@ -119,7 +134,7 @@ def run_tool(world, call):
     """The result text of one tool call {"name", "arguments"} (what a client sends back as the tool message)."""
     args = call.get("arguments") or {}
     if call.get("name") == "lookup" and isinstance(args.get("name"), str):
-        return lookup(world, args["name"])
+        return lookup(world, args["name"]) if world else "error: no demo world is loaded"
     if call.get("name") == "calculate" and isinstance(args.get("expression"), str):
         return calculate(args["expression"])
     return f"error: no tool call {json.dumps(call, ensure_ascii=False)[:80]}"
