@@ -20,7 +20,7 @@ ASK = [{"role": "user", "content": "卡洛维是做什么的？"}]
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    proc, url = start_server(tiny.build_tool_model(tmp_path_factory.mktemp("tool_model")))
+    proc, url = start_server(tiny.build_tool_once(tmp_path_factory))
     try:
         wait_healthy(proc, url)
         yield url

@@ -211,3 +211,41 @@ def test_chromium_screenshot_after_one_exchange(streamlit_page, tmp_path, greedy
     assert image.size == (width, height)
     colours = len(image.getcolors(maxcolors=width * height))
     assert len(png) > 20_000 and colours > 50, f"screenshot looks blank ({len(png)} bytes, {colours} colours)"
+
+
+def test_apptest_tool_calls_results_and_folded_thinking(tmp_path_factory):
+    """The tiny model trained on the format's tool calls and thinking: the page runs the demo's calculate tool,
+    shows the call and its result, and folds the thought into a collapsible block above the answer."""
+    from streamlit.testing.v1 import AppTest
+    model_path, tok_dir = tiny.build_tool_once(tmp_path_factory)
+    world_dir = tmp_path_factory.mktemp("world")
+    (world_dir / "manifest.json").write_text('{"seed": 3, "params": {"n_entities": 64}}', encoding="utf-8")
+    at = AppTest.from_file(PAGE, default_timeout=900)
+    at.run()
+    at.sidebar.text_input(key="model_path").set_value(str(model_path))
+    at.sidebar.text_input(key="tokenizer_path").set_value(str(tok_dir))
+    at.sidebar.slider(key="temperature").set_value(0.0)
+    at.sidebar.number_input(key="max_new_tokens").set_value(60)
+    at.sidebar.toggle(key="tools").set_value(True)
+    at.run()
+    at.sidebar.text_input(key="world_dir").set_value(str(world_dir))
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+
+    at.chat_input[0].set_value("12*7等于多少？").run()
+    assert [m.name for m in at.chat_message] == ["user", "assistant", "tool", "assistant"]
+    assert at.chat_message[1].code[0].value == 'calculate({"expression": "12*7"})'
+    assert at.chat_message[2].code[0].value == "84"
+    assert at.chat_message[3].markdown[0].value == "12*7等于84。"
+
+    at.sidebar.button(key="clear").click()
+    at.sidebar.toggle(key="tools").set_value(False).run()  # the model learned this question without tools
+    at.chat_input[0].set_value("卡洛维出生在哪个国家？").run()
+    (thought,) = at.expander  # (in the answer's chat message, under the placeholder the thought streamed into)
+    assert thought.label == "💭 Thinking" and thought.markdown[0].value == "卡洛维出生在蒙莫城，蒙莫城位于索伦国。"
+    assert at.chat_message[1].markdown[-1].value == "索伦国。"
+    at.sidebar.radio(key="thinking").set_value("Off").run()  # the rerun shows the stored conversation again
+    assert at.chat_message[1].expander[0].markdown[0].value == "卡洛维出生在蒙莫城，蒙莫城位于索伦国。"
+    at.sidebar.button(key="clear").click().run()
+    at.chat_input[0].set_value("卡洛维出生在哪个国家？").run()  # thinking off: the direct answer, no thought
+    assert at.chat_message[-1].markdown[0].value == "蒙莫城。" and not at.expander

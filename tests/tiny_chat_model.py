@@ -124,6 +124,13 @@ def tool_conversations():
     ]
 
 
+def build_tool_once(tmp_path_factory):
+    """build_tool_model() once per pytest session, shared by the test files."""
+    if "tool_paths" not in _built:
+        _built["tool_paths"] = build_tool_model(tmp_path_factory.mktemp("tool_model"))
+    return _built["tool_paths"]
+
+
 def build_tool_model(tmp_dir, steps=150):
     """Train a tiny model on tool_conversations() (targets as SFT sets them); returns (model path, tokenizer dir)."""
     from transformers import AutoTokenizer
