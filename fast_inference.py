@@ -26,6 +26,8 @@ def cli_args():
     add_model_args(p, default_model=os.environ.get("MINIMIND_MODEL", "out/full_sft_512.pth"))
     p.add_argument("--temperature", type=sampling_type("temperature", float), default=DEFAULTS.temperature,
                    help="the sidebar's starting value")
+    p.add_argument("--tools", metavar="DEMO_DIR", nargs="?", const="dataset/demo", default=None,
+                   help="start with the demo world's tools offered (the world of DEMO_DIR/manifest.json)")
     return p.parse_known_args(sys.argv[1:])[0]
 
 
@@ -55,8 +57,9 @@ def sidebar(args):
         multi_turn = st.toggle("Multi-turn (send the whole conversation)", True, key="multi_turn")
         thinking = {"Model decides": None, "On": True, "Off": False}[
             st.radio("Thinking", ["Model decides", "On", "Off"], horizontal=True, key="thinking")]
-        tools = st.toggle("Offer the demo's tools (lookup, calculate)", False, key="tools")
-        world_dir = st.text_input("Demo world folder", "dataset/demo", key="world_dir", disabled=not tools)
+        tools = st.toggle("Offer the demo's tools (lookup, calculate)", bool(args.tools), key="tools")
+        world_dir = st.text_input("Demo world folder", args.tools or "dataset/demo", key="world_dir",
+                                  disabled=not tools)
         if st.button("Clear the conversation", key="clear"):
             st.session_state.messages = []
     return model_path, tokenizer_path, params, multi_turn, thinking, (world_dir if tools else None)

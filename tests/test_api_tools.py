@@ -105,10 +105,17 @@ def test_tool_choice_none_required_and_named(client):
     sum_question = [{"role": "user", "content": "12*7等于多少？"}]
     required = choice_of(ask(client, sum_question, tools=TOOLS, tool_choice="required"))
     assert required.finish_reason == "tool_calls" and required.message.tool_calls[0].function.name == "calculate"
-    named = choice_of(ask(client, sum_question, tools=TOOLS,
-                          tool_choice={"type": "function", "function": {"name": "lookup"}}))
-    # the name is forced; the model then writes the arguments it learned for this question
-    assert named.finish_reason == "tool_calls" and named.message.tool_calls[0].function.name == "lookup"
+    lookup = {"type": "function", "function": {"name": "lookup"}}
+    free, named = ask(client, ASK, tools=TOOLS), ask(client, ASK, tools=TOOLS, tool_choice=lookup)
+    assert choice_of(named).message.tool_calls[0].function.name == "lookup"
+    # the named call is written into the prompt: the answer continues after '"arguments":'
+    forced = '<tool_call>{"name": "lookup", "arguments":'
+    assert named.usage.prompt_tokens > free.usage.prompt_tokens
+    assert named.usage.completion_tokens < free.usage.completion_tokens
+    other = choice_of(ask(client, sum_question, tools=TOOLS, tool_choice=lookup))  # not what it would call
+    # whatever the model writes after the forced name, it is that function or text holding the forced start
+    assert [c.function.name for c in other.message.tool_calls or ()] in ([], ["lookup"])
+    assert other.message.tool_calls or other.message.content.startswith(forced)
 
 
 def test_garbled_tool_calls_come_back_as_text_and_are_counted(url, client):

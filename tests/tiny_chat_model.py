@@ -105,7 +105,8 @@ TOOL_FACTS = {"卡洛维": "卡洛维是一位画家。", "蒙莫城": "蒙莫�
 
 def tool_conversations():
     """(messages, tools, enable_thinking) the tool model learns: a lookup round trip, a calculation, a thought,
-    the same question answered directly with thinking off, and two tool calls it garbles on purpose."""
+    the same question answered directly with thinking off, two tool calls it garbles on purpose, and a thought
+    that leads to a tool call."""
     def call(function, **arguments):
         return {"role": "assistant", "content": "", "tool_calls": [{"name": function, "arguments": arguments}]}
     user = lambda text: {"role": "user", "content": text}  # noqa: E731
@@ -121,6 +122,8 @@ def tool_conversations():
         ([user("北京天气如何？"), said('<tool_call>{"name": "get_weather", "arguments": {"city": "北京"}}</tool_call>')],
          TOOLS, None),
         ([user("坏掉的调用"), said('<tool_call>{"name": "lookup", "arguments": {"name": </tool_call>')], TOOLS, None),
+        ([user("先想一想：12*7等于多少？"), {**call("calculate", expression="12*7"), "reasoning_content": "这要用计算器。"},
+          tool("84"), said("等于84。")], TOOLS, None),
     ]
 
 
