@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tiny_chat_model as tiny
+from model import chat_format
 from model.checkpoint import load_model, save_weights
 from model.gguf_export import (agreement, llama_greedy, llama_logits, llama_tokenize, open_llama, read_gguf,
                                tensor_plan)
@@ -114,7 +115,7 @@ def test_tokenization_equals_ours(ggufs, tokenizer):
 def test_embedded_chat_template_renders_like_ours(ggufs, tokenizer):
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     meta, _ = read_gguf(ggufs["f32"])
-    assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+    assert meta["tokenizer.chat_template"] == tokenizer.chat_template == chat_format.CHAT_TEMPLATE
     assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
             meta["tokenizer.ggml.padding_token_id"], meta["tokenizer.ggml.add_bos_token"]) == (1, 2, 0, False)
     llm = open_llama(ggufs["f32"], n_ctx=512, all_logits=False)
@@ -127,6 +128,13 @@ def test_embedded_chat_template_renders_like_ours(ggufs, tokenizer):
     assert rendered.endswith("</s>\n<s>user\n泰山在哪里？</s>\n<s>assistant\n") and rendered.startswith("你是MiniMind。")
     reply = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=1)
     assert reply["usage"]["prompt_tokens"] == len(tokenizer.encode(rendered, add_special_tokens=False))
+    # a tool conversation (tools offered, a call, its result, a thought): llama.cpp renders what the format says
+    from test_chat_format import TOOL_CHATS, TOOLS
+    for conversation in TOOL_CHATS:
+        ours = chat_format.render(conversation, TOOLS, add_generation_prompt=True)
+        assert formatter(messages=conversation, tools=TOOLS).prompt == ours
+        reply = llm.create_chat_completion(messages=conversation, tools=TOOLS, temperature=0, max_tokens=1)
+        assert reply["usage"]["prompt_tokens"] == len(chat_format.encoder_for(tokenizer).prompt(conversation, TOOLS))
     llm.close()
 
 
