@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from openai import OpenAI, OpenAIError
+from openai import LengthFinishReasonError, OpenAI, OpenAIError
 
 
 def ask(client, args, history):
@@ -28,16 +28,19 @@ def ask(client, args, history):
     if args.no_stream:
         message = client.chat.completions.create(**common).choices[0].message
     else:
-        with client.chat.completions.stream(**common) as stream:
-            shown = None
-            for event in stream:
-                if event.type == "chunk" and event.chunk.choices:
-                    thought = (event.chunk.choices[0].delta.model_extra or {}).get("reasoning_content")
-                    if thought:
-                        shown = show("💭 ", thought, shown)
-                elif event.type == "content.delta":
-                    shown = show("", event.delta, shown)
-            message = stream.get_final_completion().choices[0].message
+        shown = None
+        try:
+            with client.chat.completions.stream(**common) as stream:  # the SDK assembles streamed tool calls
+                for event in stream:
+                    if event.type == "chunk" and event.chunk.choices:
+                        thought = (event.chunk.choices[0].delta.model_extra or {}).get("reasoning_content")
+                        if thought:
+                            shown = show("💭 ", thought, shown)
+                    elif event.type == "content.delta":
+                        shown = show("", event.delta, shown)
+                message = stream.get_final_completion().choices[0].message
+        except LengthFinishReasonError as e:  # an answer cut at max_tokens is still an answer
+            message = e.completion.choices[0].message
         print(flush=True)
     reasoning = (message.model_extra or {}).get("reasoning_content")
     if args.no_stream:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from model import chat_format
 from model.checkpoint import CheckpointError, load_model, load_tokenizer_dir
 from model.cli import add_model_args
 from model.files import atomic_folder
@@ -130,10 +131,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def copy_tokenizer(tokenizer_dir, out):
-    """The tokenizer files as shipped (re-saving would rewrite tokenizer_config in a transformers-5-only form)."""
+    """The tokenizer files as shipped (re-saving would rewrite tokenizer_config in a transformers-5-only form), with
+    the chat format's own template, whatever template an older tokenizer folder carried."""
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).is_file():
             shutil.copy(Path(tokenizer_dir) / name, Path(out) / name)
+    config_path = Path(out) / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["chat_template"] = chat_format.CHAT_TEMPLATE
+        config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    if (Path(out) / "chat_template.jinja").is_file():
+        (Path(out) / "chat_template.jinja").write_text(chat_format.CHAT_TEMPLATE, encoding="utf-8")
 
 
 def save_generation_config(out):

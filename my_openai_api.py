@@ -1,5 +1,6 @@
 """An OpenAI-compatible chat server for MiniMind (FastAPI + uvicorn): concurrent requests are decoded together,
-one batched forward per step, each in its own cache slot with its own sampling state.
+one batched forward per step, each in its own cache slot with its own sampling state. Tool calls and thinking
+follow OpenAI's tools API and DeepSeek's reasoning_content, over the chat format of model/chat_format.py.
 
     python my_openai_api.py --model out/full_sft_512.pth          # then point any OpenAI client at
     curl http://127.0.0.1:8998/v1/chat/completions -H "Content-Type: application/json" \\
@@ -375,11 +376,6 @@ def parse_tool_options(body):
     return ChatOptions(offered, chat_format.forced_call_prefix(named) if forced else "", thinking)
 
 
-def reply_events(reader, text, final=False):
-    """The reply reader's events for one more delta (and, final, what it held back)."""
-    return reader.feed(text) + (reader.close() if final else [])
-
-
 def openai_tool_call(call, index=None):
     out = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
@@ -467,7 +463,10 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
             "properties": {"role": {"enum": list(ROLES)}, "content": {"anyOf": [
                 {"type": "string"},
                 {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
-                    "type": {"const": "text"}, "text": {"type": "string"}}}}]}}}},
+                    "type": {"const": "text"}, "text": {"type": "string"}}}}]}},
+            # a tool result names the call it answers
+            "if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id"], "properties": {
+                "tool_call_id": {"type": "string"}}}}},
         "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
         "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {"type": ["integer", "null"], "minimum": 0},
@@ -622,7 +621,7 @@ class Reply:
 
     def read(self, delta, final=False):
         """Reader events for generated text; at the end the answer's tool calls are counted (/health)."""
-        events = reply_events(self.reader, delta, final)
+        events = self.reader.feed(delta) + (self.reader.close() if final else [])
         self.n_calls += sum(kind == "call" for kind, _ in events)
         if final:
             for key, n in (("tool_calls", self.n_calls), ("garbled_tool_calls", self.reader.garbled)):
@@ -862,8 +861,8 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
         messages, params, stream, include_usage = parse_request(body)
         options = parse_tool_options(body)
         check_model_name(body)
-        prompt_ids = chat_format.encoder_for(engine.tokenizer).prompt(messages, options.tools, options.enable_thinking,
-                                                                     options.prefix)
+        prompt_ids = engine.encode(messages, tools=options.tools, enable_thinking=options.enable_thinking,
+                                   prefix=options.prefix)
         if not prompt_ids:
             raise bad("messages", "the messages make an empty prompt")
         if strict_context:

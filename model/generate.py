@@ -470,11 +470,12 @@ class Engine:
         if self.decoder:
             self.decoder = FastDecoder(self.model)
 
-    def encode(self, prompt):
+    def encode(self, prompt, **chat_options):
+        """Token ids of a prompt; chat_options (tools, enable_thinking, prefix) as chat_format.Encoder.prompt takes."""
         if isinstance(prompt, str):
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if prompt and isinstance(prompt[0], dict):  # the ids training gave the same chat (model/chat_format.py)
-            return chat_format.encoder_for(self.tokenizer).prompt(prompt)
+            return chat_format.encoder_for(self.tokenizer).prompt(prompt, **chat_options)
         return list(prompt)
 
     def prepare(self, prompt, params=None, on_event=None):
