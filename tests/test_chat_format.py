@@ -214,3 +214,35 @@ def test_forced_call_prefix_ends_on_a_token_boundary_training_has(tok):
         for prefix in (cf.forced_call_prefix(), cf.forced_call_prefix(name)):
             ids = tok.encode(prefix, add_special_tokens=False)
             assert trained[:len(ids)] == ids
+
+
+def v1_encoder(tok, messages, max_length, last_only=False):
+    """The training encoder as it was before tools and thinking (kept here as the reference for v1 chats)."""
+    enc = lambda text: tok.encode(text, add_special_tokens=False) if text else []  # noqa: E731
+    bos, eos = tok.convert_tokens_to_ids("<s>"), tok.convert_tokens_to_ids("</s>")
+    ids, labels = [], []
+    for n, m in enumerate(messages):
+        if m["role"] == "system":
+            part, target = enc(m["content"]), False
+        elif m["role"] == "user":
+            part = [bos] + enc("user\n") + enc(m["content"]) + [eos] + enc("\n") + [bos] + enc("assistant\n")
+            target = False
+        else:
+            part, target = enc(m["content"]) + [eos], not last_only or n == len(messages) - 1
+        ids += part
+        labels += part if target else [IGNORE_INDEX] * len(part)
+        if m["role"] == "assistant":
+            ids, labels = ids + enc("\n"), labels + [IGNORE_INDEX] * len(enc("\n"))
+        if len(ids) >= max_length:
+            break
+    return ids[:max_length], labels[:max_length]
+
+
+def test_v1_chats_encode_to_the_ids_and_targets_they_had(tok):
+    encoder = ChatEncoder(tok)
+    chats = V1_CHATS + [[{"role": "system", "content": "  系统\n"}, {"role": "user", "content": "\n\n开头是换行"},
+                         {"role": "assistant", "content": " 空格开头 😀"}, {"role": "user", "content": "再问"},
+                         {"role": "assistant", "content": "再答"}]]
+    for chat in chats:
+        for max_length, last_only in ((4096, False), (4096, True), (9, False)):
+            assert encoder(chat, max_length, last_only=last_only) == v1_encoder(tok, chat, max_length, last_only)
