@@ -356,11 +356,6 @@ class Request:
                           self.truncated, list(self.token_ids), list(self.logprobs), self.prompt_logprobs)
 
 
-def chat_prompt(tokenizer, messages, **options):
-    """The prompt text for chat messages, ready for the assistant's answer (options: chat_format.render's)."""
-    return chat_format.render(messages, add_generation_prompt=True, **options)
-
-
 class SkinnyWeight:
     """One weight matrix in two layouts, for products with few rows. MKL picks its kernel by the shape of the
     output. With one to three rows, x @ W(in, out) streams the weight fastest, and splitting its columns into

@@ -10,7 +10,6 @@ from transformers import AutoTokenizer
 from model import chat_format as cf
 from model.convert import BadRecord, check_messages
 from model.dataset import IGNORE_INDEX, ChatEncoder
-from model.generate import chat_prompt
 from tiny_chat_model import SHIPPED_TOKENIZER
 
 # the seed's template as it shipped before tools and thinking existed: v1 chats must render exactly as it did
@@ -82,8 +81,8 @@ def test_v1_chats_render_as_the_seed_template_did(tok):
                                            chat_template=V1_TEMPLATE)
             assert cf.render(chat, add_generation_prompt=gen) == seed
             assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen) == seed
-    assert chat_prompt(tok, V1_CHATS[0]) == ("你是MiniMind。<s>user\n你好</s>\n<s>assistant\n你好！</s>\n"
-                                             "<s>user\n1+1=?</s>\n<s>assistant\n")
+    assert cf.render(V1_CHATS[0], add_generation_prompt=True) == (
+        "你是MiniMind。<s>user\n你好</s>\n<s>assistant\n你好！</s>\n<s>user\n1+1=?</s>\n<s>assistant\n")
 
 
 def test_every_renderer_gives_the_same_text(tok):
