@@ -419,8 +419,8 @@ def reply_deltas(reply, delta, final=False):
 def model_features():
     """What /v1/models says the server does with this model's chat format."""
     return {"tools": True, "tool_choice": ["auto", "none", "required", "named"], "parallel_tool_calls": True,
-            "reasoning_content": True, "chat_template_kwargs": ["enable_thinking"],
-            "chat_format": "model/chat_format.py"}
+            "reasoning_content": True, "chat_template_kwargs": ["enable_thinking"], "logprobs": True,
+            "completions": True, "chat_format": "model/chat_format.py"}
 
 
 class EventRelay:
