@@ -90,26 +90,44 @@ def test_conversations_are_valid_rows_of_the_format(world, tmp_path, tokenizer_d
                                                    + "</s>\n")
 
 
-class ScriptedEngine:
-    """An engine stand-in whose answers are scripted, to check the loop as a client runs it."""
+def scripted(answers, prompts):
+    """A stand-in for the model: answers in order, each prompt it was given decoded into `prompts`."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained("model/minimind_tokenizer")
 
-    def __init__(self, tokenizer, answers):
-        self.tokenizer, self.answers, self.prompts = tokenizer, list(answers), []
-
-    def complete(self, ids, params):
-        self.prompts.append(self.tokenizer.decode(ids))
-        return type("Done", (), {"text": self.answers.pop(0)})
+    def complete(batch):
+        prompts.extend(tok.decode(ids) for ids in batch)
+        return [answers.pop(0) for _ in batch]
+    return type("Engine", (), {"tokenizer": tok}), complete
 
 
 def test_tool_loop_runs_the_calls_and_sends_the_results_back(world):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained("model/minimind_tokenizer")
     person = world["entities"]["person"][1]
     call = cf.call_text({"name": "lookup", "arguments": {"name": person["zh"]}})
-    engine = ScriptedEngine(tok, [call, "他是一位" + person["attrs"]["profession"]["zh"] + "。"])
-    answer, calls, reasoning, garbled = T.tool_loop(engine, world, [{"role": "user", "content": "问"}])
-    assert answer.endswith(person["attrs"]["profession"]["zh"] + "。") and garbled == 0
-    assert calls == [{"name": "lookup", "arguments": {"name": person["zh"]}}]
-    assert T.lookup(world, person["zh"]) in engine.prompts[1] and "<tools>" in engine.prompts[0]
-    garbling = ScriptedEngine(tok, ['<tool_call>{"name": "lookup"</tool_call>'])
-    assert T.tool_loop(garbling, world, [{"role": "user", "content": "问"}])[3] == 1
+    prompts = []
+    engine, complete = scripted([call, "直接回答。", "他是一位" + person["attrs"]["profession"]["zh"] + "。"], prompts)
+    ask = [[{"role": "user", "content": "问"}], [{"role": "user", "content": "另一个问题"}]]
+    first, second = T.tool_loops(engine, world, ask, complete=complete)
+    assert first["answer"].endswith(person["attrs"]["profession"]["zh"] + "。") and first["garbled"] == 0
+    assert first["calls"] == [{"name": "lookup", "arguments": {"name": person["zh"]}}]
+    assert second == {"answer": "直接回答。", "calls": [], "reasoning": "", "garbled": 0}
+    assert "<tools>" in prompts[0] and T.lookup(world, person["zh"]) in prompts[2] and len(prompts) == 3
+    engine, complete = scripted(['<tool_call>{"name": "lookup"</tool_call>'], [])
+    assert T.tool_loop(engine, world, ask[0], complete=complete)["garbled"] == 1
+    engine, complete = scripted(["<think>X出生在Y城。Y城位于Z国。</think>\nZ国。"], [])
+    assert T.tool_loop(engine, world, ask[0], tools=None, complete=complete)["reasoning"] == "X出生在Y城。Y城位于Z国。"
+
+
+def test_tool_loop_on_a_real_engine(world):
+    """The batched loop drives the project's engine (a random tiny model: whatever it says, the loop ends)."""
+    import torch
+    from transformers import AutoTokenizer
+    from model.generate import Engine
+    from model.LMConfig import LMConfig
+    from model.model import Transformer
+    torch.manual_seed(0)
+    engine = Engine(Transformer(LMConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=256)),
+                    AutoTokenizer.from_pretrained("model/minimind_tokenizer"), max_batch=4)
+    results = T.tool_loops(engine, world, [[{"role": "user", "content": f"{n}*3等于多少？"}] for n in range(6)],
+                           max_new_tokens=8)
+    assert len(results) == 6 and all(isinstance(r["answer"], str) and len(r["calls"]) <= 3 for r in results)

@@ -8,6 +8,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from .. import chat_format
+from ..generate import SamplingParams, run_to_completion
 from .world import TYPES, attrs_of, build_world, canonical_answer, languages
 
 TOOLS = [
@@ -215,21 +216,38 @@ def thinking_conversation(world, e, lang, k=0, think=True):
 # the tool loop, as a client runs it
 
 
-def tool_loop(engine, world, messages, tools=TOOLS, max_calls=3, enable_thinking=None, max_new_tokens=64):
-    """Ask, run the tools the model calls, send their results back, until it answers in text (or max_calls
-    rounds). Returns (final answer text, [calls made], reasoning of the last answer, garbled call count)."""
-    from ..generate import SamplingParams
+def tool_loops(engine, world, chats, tools=TOOLS, enable_thinking=None, max_calls=3, max_new_tokens=64,
+               complete=None):
+    """Ask every chat (a message list), run the tools each model answer calls, send their results back, until it
+    answers in text or has made max_calls calls; all chats of a round are decoded together (greedy). Returns per
+    chat {"answer", "calls", "reasoning", "garbled"}: the final text answer, the calls made ({"name",
+    "arguments"}), the last answer's thought and how many garbled calls came back as text. `complete` (a list of
+    prompt id lists -> their generated texts) replaces the engine, e.g. in tests."""
     encoder = chat_format.encoder_for(engine.tokenizer)
-    messages, calls, garbled = list(messages), [], 0
-    for _ in range(max_calls + 1):
-        ids = encoder.prompt(messages, tools, enable_thinking)
-        text = engine.complete(ids, SamplingParams(temperature=0, max_new_tokens=max_new_tokens)).text
-        start = {False: chat_format.THINK_OFF, True: chat_format.THINK_OPEN}.get(enable_thinking, "")
-        reasoning, content, made, problems = chat_format.read_reply(text, tools, start)
-        garbled += len(problems)
-        if not made or len(calls) >= max_calls:
-            return content, calls, reasoning, garbled
-        calls += made
-        messages.append({"role": "assistant", "content": content, "tool_calls": made})
-        messages += [{"role": "tool", "content": run_tool(world, c)} for c in made]
-    return content, calls, reasoning, garbled
+    params = SamplingParams(temperature=0, top_p=1.0, max_new_tokens=max_new_tokens)
+    if complete is None:
+        def complete(prompts):
+            return [c.text for c in run_to_completion(engine, [engine.prepare(p, params) for p in prompts])]
+    start = {False: chat_format.THINK_OFF, True: chat_format.THINK_OPEN}.get(enable_thinking, "")
+    chats = [list(c) for c in chats]
+    results = [{"answer": "", "calls": [], "reasoning": "", "garbled": 0} for _ in chats]
+    open_chats = list(range(len(chats)))
+    while open_chats:
+        texts = complete([encoder.prompt(chats[i], tools, enable_thinking) for i in open_chats])
+        still_open = []
+        for i, text in zip(open_chats, texts):
+            reasoning, content, calls, problems = chat_format.read_reply(text, tools, start)
+            result = results[i]
+            result.update(answer=content, reasoning=reasoning, garbled=result["garbled"] + len(problems))
+            if calls and len(result["calls"]) < max_calls:
+                result["calls"] += calls
+                chats[i].append({"role": "assistant", "content": content, "tool_calls": calls})
+                chats[i] += [{"role": "tool", "content": run_tool(world, c)} for c in calls]
+                still_open.append(i)
+        open_chats = still_open
+    return results
+
+
+def tool_loop(engine, world, messages, **options):
+    """tool_loops for one chat."""
+    return tool_loops(engine, world, [messages], **options)[0]
