@@ -11,7 +11,7 @@ from shlex import quote
 import torch
 
 from .files import atomic_write, first_line
-from .chat_format import encoder_for
+from .chat_format import encoder_for, render
 from .dataset import format_mcq  # the MCQ layout the SFT data teaches; scoring must ask the same way
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,9 +222,9 @@ METHODS = ("letter", "cloze")
 
 
 def cloze_context(tokenizer, q: Question):
-    """The text each option follows: the chat prompt of the bare question, ending in the assistant header."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": q.question}], tokenize=False,
-                                         add_generation_prompt=True)
+    """The text each option follows: the chat prompt of the bare question, ending in the assistant header (as text:
+    lm-evaluation-harness encodes the context and each option as text)."""
+    return render([{"role": "user", "content": q.question}], add_generation_prompt=True)
 
 
 def harness_pair(tokenizer, context, continuation):
