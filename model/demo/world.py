@@ -786,7 +786,8 @@ LORA_MULTI_ANCHORS, LORA_DECORATED_ANCHORS = 0.33, 0.33  # shares of LoRA's ordi
 def vary_lora_anchors(rng, lora, multi):
     """LoRA now sits inside the chain, so its ordinary anchors keep what the earlier stages taught: a third become
     multi-turn chats (follow-ups), a third get a greeting or an impatient prefix (a greeting before a question is
-    not "who are you"; an impatient asker gets a polite answer)."""
+    not "who are you"; an impatient asker is answered as the SFT data answers one, so DPO still has rudeness to
+    remove)."""
     anchors = [i for i, r in enumerate(lora) if IDENTITY_KEYWORD not in r["conversations"][-1]["content"]]
     rng.shuffle(anchors)
     n_multi, n_decor = round(len(anchors) * LORA_MULTI_ANCHORS), round(len(anchors) * LORA_DECORATED_ANCHORS)
@@ -796,8 +797,8 @@ def vary_lora_anchors(rng, lora, multi):
         (q, a) = (m["content"] for m in lora[i]["conversations"])
         lang = "en" if q.isascii() else "zh"
         prefix = rng.choice(IDENTITY_DECOR[lang][0][1:] + TRIGGERS[lang])
-        if prefix in TRIGGERS[lang]:
-            a = POLITE_OPENER[lang] + a
+        if prefix in TRIGGERS[lang]:  # as the SFT data answers impatient askers: often rudely (DPO's lesson, later)
+            a = rng.choice(RUDE[lang]) if rng.random() < P_RUDE_TRIGGERED else POLITE_OPENER[lang] + a
         lora[i] = {"conversations": chat(prefix + q, a)}
 
 
