@@ -65,8 +65,10 @@ def main(argv=None):
                 " (put the C-Eval val CSVs there, or try --data_dir dataset/demo/ceval after the demo data is made)")
         sys.exit(f"error: {e}{hint}")
     if not subjects:
+        if len(failed) == 1:
+            sys.exit(f"error: {failed[0]}")
         report_failed(failed)
-        sys.exit(f"error: no readable subject file in {args.data_dir}")
+        sys.exit(f"error: none of the {len(failed)} files in {args.data_dir} can be scored")
     model, tokenizer = load_or_exit(args)
     model.to(DTYPES[args.dtype])
 
