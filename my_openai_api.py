@@ -121,7 +121,54 @@ def parse_messages(messages):
     return out
 
 
-def parse_request(body, prompt=("messages", parse_messages)):
+def parse_logit_bias(value, vocab_size):
+    """OpenAI's logit_bias, {"token id": bias}, as (id, bias) pairs; each key and value checked."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad("logit_bias", f"'logit_bias' must be an object mapping token ids to numbers, got {type(value).__name__}")
+    pairs = []
+    for key, bias in value.items():
+        if not (key.isascii() and key.strip().lstrip("-").isdigit()) or not 0 <= int(key) < vocab_size:
+            raise bad("logit_bias", f"'logit_bias' key {short(key)} is not a token id of this model "
+                      f"(an integer from 0 to {vocab_size - 1}, as a string)", "invalid_value")
+        if not is_number(bias) or not -100 <= bias <= 100:
+            raise bad("logit_bias", f"'logit_bias' value {short(bias)} for token {key} must be a number from -100 "
+                      "to 100", "invalid_value")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
+
+
+# fields whose values ask for something this server does not do: each value here asks for nothing and passes;
+# any other is a 400 naming the field (a missing or null field always passes)
+NOTHING_ASKED = {
+    "response_format": ({"type": "text"},),  # JSON mode and JSON schemas are not enforced
+    "tools": ([],), "functions": ([],),      # no tool calling
+    "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
+    "audio": (), "prediction": (), "web_search_options": (),  # no audio, predicted outputs or web search
+    "modalities": (["text"],),
+    "store": (False,),                        # nothing is stored
+}
+TYPED = {  # optional fields that ask for nothing either way, checked for their type
+    "user": (str, "a string"), "metadata": (dict, "an object"), "parallel_tool_calls": (bool, "a boolean"),
+    "service_tier": (str, "a string"),
+}
+
+
+def refuse_unsupported(body):
+    for name, allowed in NOTHING_ASKED.items():
+        value = body.get(name)
+        if value is not None and value not in allowed:
+            said = f"only {', '.join(json.dumps(a) for a in allowed)} (or null)" if allowed else "null"
+            raise bad(name, f"'{name}' {short(value)} asks for what this server does not do; it accepts {said}",
+                      "unsupported_value")
+    for name, (kind, what) in TYPED.items():
+        value = body.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise bad(name, f"'{name}' must be {what}, got {type(value).__name__}")
+
+
+def parse_request(body, prompt=("messages", parse_messages), vocab_size=2 ** 31):
     """Validated (messages, SamplingParams, stream, include_usage) from a request body; unknown fields ignored.
     prompt: the field that holds the prompt and its parser (/v1/completions: "prompt", parse_prompts)."""
     if not isinstance(body, dict):
@@ -129,6 +176,7 @@ def parse_request(body, prompt=("messages", parse_messages)):
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise bad("model", f"'model' must be a string, got {type(body['model']).__name__}")
     messages = prompt[1](body.get(prompt[0]))
+    refuse_unsupported(body)
 
     def field(name, default, rule=None, kind=(is_number, "a number")):
         """The value of a request field; `rule`: the sampling rule it must meet (SAMPLING_RULES's name)."""
@@ -148,6 +196,9 @@ def parse_request(body, prompt=("messages", parse_messages)):
     temperature = field("temperature", DEFAULTS.temperature, "temperature")
     top_p = field("top_p", DEFAULTS.top_p, "top_p")
     repetition_penalty = field("repetition_penalty", DEFAULTS.repetition_penalty, "repetition_penalty")
+    frequency_penalty = field("frequency_penalty", DEFAULTS.frequency_penalty, "frequency_penalty")
+    presence_penalty = field("presence_penalty", DEFAULTS.presence_penalty, "presence_penalty")
+    logit_bias = parse_logit_bias(body.get("logit_bias"), vocab_size)
     top_k = integer("top_k", DEFAULTS.top_k, "top_k")
     if (n := integer("n", 1)) != 1:
         raise bad("n", f"'n' is {short(n)}; it must be 1 (one choice per request)", "invalid_value")
@@ -186,8 +237,9 @@ def parse_request(body, prompt=("messages", parse_messages)):
     if top_logprobs and not logprobs:
         raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true", "invalid_value")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                            max_new_tokens=max_tokens, stop=tuple(stop or ()), seed=seed, ignore_eos=ignore_eos,
-                            logprobs=top_logprobs if logprobs else None)
+                            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                            logit_bias=logit_bias, max_new_tokens=max_tokens, stop=tuple(stop or ()), seed=seed,
+                            ignore_eos=ignore_eos, logprobs=top_logprobs if logprobs else None)
     return messages, params, bool(stream), include_usage
 
 
@@ -224,7 +276,7 @@ def parse_prompts(prompt):
     return out
 
 
-def parse_completion_request(body):
+def parse_completion_request(body, vocab_size=2 ** 31):
     """Validated (prompts, SamplingParams, stream, include_usage, echo) of a /v1/completions body: the chat
     fields as parse_request has them, and the legacy endpoint's own: max_tokens (default 16; 0 scores the
     prompt without generating), echo, logprobs (an integer: the alternatives per token), suffix and best_of."""
@@ -235,7 +287,7 @@ def parse_completion_request(body):
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and not (is_int(max_tokens) and int(max_tokens) == 0):
         shared["max_tokens"] = max_tokens  # checked as chat checks it
-    prompts, params, stream, include_usage = parse_request(shared, prompt=("prompt", parse_prompts))
+    prompts, params, stream, include_usage = parse_request(shared, ("prompt", parse_prompts), vocab_size)
     max_tokens = 16 if max_tokens is None else params.max_new_tokens if "max_tokens" in shared else 0
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
@@ -304,6 +356,14 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
         "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {"type": ["integer", "null"], "minimum": 0},
         "repetition_penalty": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 10},
+        "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+        "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+        "logit_bias": {"type": ["object", "null"], "propertyNames": {"pattern": "^[0-9]+$"},  # (create_app narrows)
+                       "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+        "response_format": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["type"],
+                                                          "properties": {"type": {"const": "text"}}}]},
+        "tools": {"type": ["array", "null"], "maxItems": 0},
+        "tool_choice": {"enum": ["none", "auto", None]},
         "max_tokens": TOKEN_LIMIT, "max_completion_tokens": TOKEN_LIMIT,
         "n": {"type": ["integer", "null"], "enum": [1, None]},
         "seed": {"type": ["integer", "null"]},
@@ -671,7 +731,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
     def prepare(raw):
         """The CPU work of a request, run off the event loop: JSON, validation, the chat template, tokenization."""
         body = parse_json(raw)
-        messages, params, stream, include_usage = parse_request(body)
+        messages, params, stream, include_usage = parse_request(body, vocab_size=engine.vocab_size)
         check_model_name(body)
         prompt_ids = engine.encode(messages)
         if not prompt_ids:
@@ -683,8 +743,9 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
                           f"context of {engine.max_len} tokens", "context_length_exceeded")
         return prompt_ids, params, stream, include_usage
 
-    chat_openapi = {"requestBody": {"required": True,
-                                    "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}}}
+    schema = json.loads(json.dumps(CHAT_REQUEST_SCHEMA))  # token ids of this model: as many digits as always fit
+    schema["properties"]["logit_bias"]["propertyNames"]["pattern"] = f"^[0-9]{{1,{len(str(engine.vocab_size)) - 1}}}$"
+    chat_openapi = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
     chat_responses = {200: {"description": "a chat.completion object, or with stream: true server-sent "
                             "chat.completion.chunk events ending with data: [DONE]",
                             "content": {"application/json": {"schema": {"type": "object"}},
@@ -717,7 +778,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
         --strict-context against the context; else a prompt that fills it is cut from the left, as in chat, and
         an echo shows the tokens kept)."""
         body = parse_json(raw)
-        prompts, params, stream, include_usage, echo = parse_completion_request(body)
+        prompts, params, stream, include_usage, echo = parse_completion_request(body, engine.vocab_size)
         check_model_name(body)
         room = params.max_new_tokens if params.max_new_tokens != -1 else 1
         ids = []
@@ -772,7 +833,11 @@ def main():
             f"{DEFAULTS.top_p}; max_tokens absent or -1 means up to the context limit, and an answer that reaches "
             "the limit ends with finish_reason 'length'. Ranges: temperature 0-2 (0 greedy; any tiny value is "
             "near-greedy, never an error), top_p (0, 1], top_k >= 0, repetition_penalty (0, 10], seed any integer "
-            "(taken modulo 2**64); others are a 400 error naming the field. Extensions to the OpenAI fields: top_k, "
+            "(taken modulo 2**64), frequency_penalty and presence_penalty -2..2 (OpenAI's: they count the tokens of "
+            "the answer so far), logit_bias {token id: -100..100}; others are a 400 error naming the field, and so "
+            "is a field that asks for what the server does not do (response_format other than text, n > 1, tools, "
+            "audio, ...). Messages: every system (or developer) message's text goes first, in order; a conversation "
+            "ending with an assistant message gets a new assistant turn after it. Extensions to the OpenAI fields: top_k, "
             "repetition_penalty, ignore_eos. POST /v1/completions is OpenAI's legacy endpoint (prompt as text, texts, "
             "token ids or lists of them; echo; logprobs 0-20; max_tokens default 16, 0 scores the prompt): what "
             "lm-evaluation-harness's local-completions model uses. Log-probabilities (there and with chat's logprobs "

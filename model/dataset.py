@@ -36,6 +36,19 @@ def chat_pieces(messages):
     return pieces
 
 
+ASSISTANT_HEADER = "<s>assistant\n"  # what opens an assistant turn (the user piece above ends with it)
+
+
+def openai_message_order(messages):
+    """Any message list as the chat format takes it, by OpenAI's rule: every system text comes first, in the
+    order given (joined by a newline, one system message), then the other messages in their order. (The format
+    has one system text, first, and would drop the others.) A trailing assistant message stays a finished turn;
+    a new assistant turn follows it (generate.chat_prompt adds the header)."""
+    systems = [m["content"] for m in messages if m["role"] == "system"]
+    others = [m for m in messages if m["role"] != "system"]
+    return ([{"role": "system", "content": "\n".join(systems)}] if systems else []) + others
+
+
 def render_chat(messages):
     """The chat as text; ending on a user turn it ends with the assistant prompt."""
     return "".join(text for text, _ in chat_pieces(messages))

@@ -13,6 +13,8 @@ import pytest
 import os
 import signal
 
+import tiny_chat_model as tiny
+from model.generate import SamplingParams
 from serving_helpers import (HANG_GUARD_S, HELLO, ROOT, engine, paths, questions, solo, start_server,  # noqa: F401
                              tokenizer, wait_healthy, wait_until)
 
@@ -168,6 +170,22 @@ ERROR_CASES = [
     ({"messages": USER, "stop": 5}, "stop"),
     ({"messages": USER, "stop": ["a", 1]}, "stop"),
     ({"messages": USER, "seed": "x"}, "seed"),
+    ({"messages": USER, "presence_penalty": "abc"}, "presence_penalty"),
+    ({"messages": USER, "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"messages": USER, "presence_penalty": -3}, "presence_penalty"),
+    ({"messages": USER, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"messages": USER, "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"messages": USER, "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"messages": USER, "logit_bias": [1, 2]}, "logit_bias"),
+    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": USER, "response_format": "text"}, "response_format"),
+    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+     "tools"),
+    ({"messages": USER, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": USER, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"messages": USER, "modalities": ["text", "audio"]}, "modalities"),
+    ({"messages": USER, "store": True}, "store"),
+    ({"messages": USER, "user": 5}, "user"),
 ]
 
 
@@ -338,3 +356,34 @@ def test_chat_client_script(url, engine):
     second = solo(engine, [*HELLO, {"role": "assistant", "content": expected},
                            {"role": "user", "content": "长江有多长？"}], max_new_tokens=60).text
     assert second.strip() in out.stdout
+
+
+def test_values_that_ask_for_nothing_pass_and_penalties_and_logit_bias_are_honoured(client, engine):
+    neutral = client.chat.completions.create(
+        model="tiny", messages=HELLO, temperature=0, max_tokens=20, n=1, frequency_penalty=0, presence_penalty=0,
+        logit_bias={}, logprobs=False, response_format={"type": "text"}, tool_choice="none", store=False,
+        user="u1", extra_body={"ignore_eos": True})
+    plain = solo(engine, HELLO, max_new_tokens=20, ignore_eos=True)
+    assert neutral.choices[0].message.content == plain.text
+    first = plain.token_ids[0]
+    for fields in ({"logit_bias": {str(first): -100}}, {"frequency_penalty": 2}, {"presence_penalty": -2},
+                   {"frequency_penalty": 2, "presence_penalty": 1.5, "logit_bias": {"7": 5}}):
+        r = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=40,
+                                           extra_body={"ignore_eos": True}, **fields)
+        bias = {int(k): v for k, v in fields.pop("logit_bias", {}).items()}
+        expected = solo(engine, HELLO, max_new_tokens=40, ignore_eos=True, logit_bias=bias, **fields)
+        assert r.choices[0].message.content == expected.text, fields
+    banned = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=5,
+                                            logit_bias={str(first): -100})
+    assert banned.choices[0].message.content != solo(engine, HELLO, max_new_tokens=5).text
+
+
+def test_system_messages_anywhere_and_a_trailing_assistant(client, engine, tokenizer):
+    """OpenAI's rule: every system text first, in order; a new assistant turn after a trailing assistant."""
+    q, a = tiny.CONVERSATIONS[1]
+    messages = [{"role": "user", "content": q}, {"role": "system", "content": "S1"},
+                {"role": "assistant", "content": a}, {"role": "developer", "content": "S2"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=30)
+    text = f"S1\nS2<s>user\n{q}</s>\n<s>assistant\n{a}</s>\n<s>assistant\n"
+    assert r.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert r.choices[0].message.content == engine.complete(text, SamplingParams(temperature=0, max_new_tokens=30)).text
