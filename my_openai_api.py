@@ -27,6 +27,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model.checkpoint import weights_name
 from model.cli import add_model_args, load_or_exit
@@ -36,6 +37,8 @@ log = logging.getLogger("minimind.api")
 ROLES = ("system", "user", "assistant", "developer")  # "developer" is OpenAI's newer name for system
 DEFAULTS = SamplingParams()  # a field a request leaves out (or sends as null) gets its default
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: hundreds of thousands of characters, far beyond any context
+DEFAULT_HEADER_TIMEOUT_S = 30  # a client has this long to send its request line and headers
+DEFAULT_BODY_TIMEOUT_S = 60  # ... and this long for the whole body (1 MiB at 20 KB/s)
 SURROGATE = re.compile("[\ud800-\udfff]")  # a lone UTF-16 half: valid in a JSON escape, not as text
 
 
@@ -46,9 +49,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
-    def response(self):
+    def response(self, headers=None):
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if self.status == 401 else {})}
         # ASCII JSON: a message quoting the client's text stays sendable even if that text holds lone surrogates
         return Response(json.dumps(body), status_code=self.status, headers=headers, media_type="application/json")
 
@@ -404,8 +407,13 @@ def error_responses(*statuses):
             for s in statuses}
 
 
-async def read_body(request, limit):
-    """The request body, or a 413 error as soon as it is known to exceed `limit` bytes."""
+def peer(request):
+    return "%s:%d" % tuple(request.client) if request.client else "a client"
+
+
+async def read_body(request, limit, timeout=None):
+    """The request body; a 413 error as soon as it is known to exceed `limit` bytes, a 408 when it has not all
+    arrived within `timeout` seconds. A client that leaves before sending all of it is one log line."""
     def too_large():
         return APIError(413, f"the request body is over the server's limit of {limit} bytes (--max-body-bytes)",
                         code="request_too_large")
@@ -413,12 +421,70 @@ async def read_body(request, limit):
     if length.isdigit() and int(length) > limit:
         raise too_large()
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large()
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large()
+                chunks.append(chunk)
+    except ClientDisconnect:
+        log.warning("%s went away after %d of %s body bytes; request abandoned", peer(request), size,
+                    length or "?")
+        raise Abandoned() from None
+    except TimeoutError:
+        log.warning("%s sent %d of %s body bytes in %g s; request abandoned with 408 (--body-timeout)",
+                    peer(request), size, length or "?", timeout)
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s (--body-timeout)",
+                       code="request_timeout") from None
     return b"".join(chunks)
+
+
+class Abandoned(Exception):
+    """The client left while its request was being read: nobody to answer (logged once, where it was seen)."""
+
+
+def with_header_timeout(seconds):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers are not complete `seconds` after
+    they were due (from the connection's start, or from the first byte of a later request on it). uvicorn has no
+    such timer: a connection that opens and sends nothing, or headers that never end, would stay open for ever.
+    (Idle keep-alive connections between requests are closed by uvicorn's --timeout-keep-alive.)"""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._watch_headers()
+
+        def data_received(self, data):
+            super().data_received(data)
+            self._watch_headers()
+
+        def _watch_headers(self):
+            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+            if waiting and self.header_timer is None and self.timeout_keep_alive_task is None:
+                self.header_timer = self.loop.call_later(seconds, self._headers_late)
+            elif not waiting and self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _headers_late(self):
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                who = "%s:%d" % tuple(self.client) if self.client else "a client"
+                log.warning("closed the connection from %s: no complete request headers within %g s "
+                            "(--header-timeout)", who, seconds)
+                self.transport.close()
+
+        def connection_lost(self, exc):
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
 
 
 async def generation(scheduler, req, queue, request):
@@ -672,7 +738,7 @@ async def text_sse(reply, events, include_usage):
 
 
 def create_app(scheduler, model_name, api_key=None, strict_context=False, strict_model_name=False,
-               max_body_bytes=DEFAULT_MAX_BODY_BYTES):
+               max_body_bytes=DEFAULT_MAX_BODY_BYTES, body_timeout=DEFAULT_BODY_TIMEOUT_S):
     relays = {}  # one per event loop (tests start several)
 
     async def check_key(request: Request):
@@ -694,28 +760,35 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
     started = int(time.time())
 
     @app.exception_handler(APIError)
-    async def api_error(request, exc):
-        return exc.response()
+    async def api_error(request, exc):  # (after a 408 the rest of the body may still come: the connection ends)
+        return exc.response({"Connection": "close"} if exc.status == 408 else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # unknown paths and methods, in the same error schema
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        headers = dict(exc.headers or {})
+        if "Allow" in headers:  # the methods of the path, in a stable order
+            headers["Allow"] = ", ".join(sorted(m.strip() for m in headers["Allow"].split(",")))
+        return APIError(exc.status_code, str(exc.detail), code=code).response(headers)
+
+    @app.exception_handler(Abandoned)
+    async def abandoned(request, exc):  # (already logged) nobody reads this answer
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def server_error(request, exc):  # logged by uvicorn; the client still gets the error schema
         return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
 
     if api_key:
-        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(check_key)])
+        @app.api_route("/openapi.json", methods=GET, include_in_schema=False, dependencies=[Depends(check_key)])
         async def openapi():
             return app.openapi()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=GET)
     async def health():
         return {"status": "ok", "model": model_name, **scheduler.stats()}
 
-    @v1.get("/models", responses=error_responses(401))
+    @v1.api_route("/models", methods=GET, responses=error_responses(401))
     async def models():
         return {"object": "list",
                 "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "minimind",
@@ -756,7 +829,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
 
     @v1.post("/chat/completions", openapi_extra=chat_openapi, responses=chat_responses)
     async def chat_completions(request: Request):
-        raw = await read_body(request, max_body_bytes)
+        raw = await read_body(request, max_body_bytes, body_timeout)
         prompt_ids, params, stream, include_usage = await asyncio.to_thread(prepare, raw)
         loop = asyncio.get_running_loop()
         relay = relays.get(loop) or relays.setdefault(loop, EventRelay(loop))
@@ -818,7 +891,23 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
         return await whole_texts(reply, events, headers)
 
     app.include_router(v1)
+    list_get_without_head(app)
     return app
+
+
+GET = ["GET", "HEAD"]  # every path that answers GET answers HEAD too (the same headers, no body)
+
+
+def list_get_without_head(app):
+    """The schema lists the GET operations alone: HEAD is the same operation without its body."""
+    build = app.openapi
+
+    def openapi():
+        schema = build()
+        for operations in schema.get("paths", {}).values():
+            operations.pop("head", None)
+        return schema
+    app.openapi = openapi
 
 
 def main():
@@ -858,10 +947,18 @@ def main():
                         help="answer only requests naming --served-model-name (or none); others get 404")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="larger request bodies get 413 before they are read (default: %(default)s, 1 MiB)")
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        help="seconds a client has to send its request headers; then the connection is closed "
+                        "(default: %(default)s)")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help="seconds a client has to send the whole request body; then it gets 408 "
+                        "(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.max_body_bytes < 1:
         parser.error("--max-body-bytes must be at least 1")
+    if not (args.header_timeout > 0 and args.body_timeout > 0):
+        parser.error("--header-timeout and --body-timeout must be greater than 0")
     if args.model == "out/full_sft_512.pth" and (args.dim or args.use_moe):  # the training stage's name for it
         args.model = f"out/{weights_name('full_sft', args)}"
     threads = single_torch_thread()  # only the scheduler's thread runs parallel kernels
@@ -872,10 +969,11 @@ def main():
     scheduler = Scheduler(Engine(model, tokenizer, max_batch=args.max_batch), threads=threads)
     name = args.served_model_name or Path(args.model.rstrip("/")).stem
     app = create_app(scheduler, name, api_key=args.api_key, strict_context=args.strict_context,
-                     strict_model_name=args.strict_model_name, max_body_bytes=args.max_body_bytes)
+                     strict_model_name=args.strict_model_name, max_body_bytes=args.max_body_bytes,
+                     body_timeout=args.body_timeout)
     log.info("serving %s (%.2fM parameters, context %d) on http://%s:%d/v1", name,
              sum(p.numel() for p in model.parameters()) / 1e6, model.config.max_seq_len, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=with_header_timeout(args.header_timeout))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ HTTP = httpx.Client(timeout=HANG_GUARD_S)  # httpx's default of 5 s is a clock a
 
 @pytest.fixture(scope="module")
 def servers(paths):
-    """A plain server and one with an API key and --strict-context, started side by side."""
+    """A plain server and one with an API key, --strict-context and short read timeouts, started side by side."""
     plain = start_server(paths)
-    keyed = start_server(paths, "--api-key", "sk-secret", "--strict-context", "--max-batch", "2")
+    keyed = start_server(paths, "--api-key", "sk-secret", "--strict-context", "--max-batch", "2",
+                         "--header-timeout", "3", "--body-timeout", "3")
     try:
         for proc, url in (plain, keyed):
             wait_healthy(proc, url)
@@ -387,3 +388,84 @@ def test_system_messages_anywhere_and_a_trailing_assistant(client, engine, token
     text = f"S1\nS2<s>user\n{q}</s>\n<s>assistant\n{a}</s>\n<s>assistant\n"
     assert r.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
     assert r.choices[0].message.content == engine.complete(text, SamplingParams(temperature=0, max_new_tokens=30)).text
+
+
+# ---------------------------------------------------------------- what a raw HTTP client meets
+
+
+def server_log(proc):
+    return os.pread(proc.log.fileno(), 1 << 24, 0).decode(errors="replace")  # (pread: the server's offset stays)
+
+
+def raw_connection(url):
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=HANG_GUARD_S)
+
+
+def post_head(length, key=None):
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def test_each_abandoned_request_is_one_log_line(servers):
+    proc, url = servers[0]
+    for i in range(5):
+        with raw_connection(url) as s:
+            s.sendall(post_head(1000) + b'{"messages": [')  # and leave mid-body
+    wait_until(lambda: server_log(proc).count("body bytes; request abandoned") >= 5, "five abandoned requests logged")
+    log = server_log(proc)
+    lines = [line for line in log.splitlines() if "request abandoned" in line]
+    assert len(lines) == 5 and all("went away after 14 of 1000 body bytes" in line for line in lines), lines
+    assert "Traceback" not in log and "Exception in ASGI" not in log
+    assert HTTP.get(url + "/health").json()["active"] == 0
+
+
+def read_all(s):
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+def test_header_and_body_read_timeouts_close_slow_clients(servers):
+    proc, url = servers[1]  # --header-timeout 3 --body-timeout 3
+    with raw_connection(url) as idle, raw_connection(url) as partial, raw_connection(url) as dribble:
+        partial.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers that never end
+        assert read_all(idle) == b"" and read_all(partial) == b""  # both closed by the server
+        dribble.sendall(b"GET /health HTTP/1.1\r\n")
+        closed = False
+        for _ in range(HANG_GUARD_S):  # a header byte every 0.2 s does not keep it open
+            try:
+                dribble.sendall(b"X")
+                dribble.settimeout(0.2)
+                closed = dribble.recv(1) == b""
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        assert closed
+    with raw_connection(url) as slow_body:
+        slow_body.sendall(post_head(100, "sk-secret") + b'{"messages"')
+        reply = read_all(slow_body).decode()
+    assert reply.startswith("HTTP/1.1 408 ") and "connection: close" in reply.lower()
+    assert '"code": "request_timeout"' in reply and "--body-timeout" in reply
+    log = server_log(proc)
+    assert log.count("no complete request headers within 3 s (--header-timeout)") >= 3
+    assert "sent 11 of 100 body bytes in 3 s; request abandoned with 408" in log and "Traceback" not in log
+    assert HTTP.get(url + "/health").status_code == 200  # the server itself goes on
+
+
+def test_405_names_the_allowed_methods_and_head_answers_where_get_does(url):
+    r = HTTP.post(url + "/health")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    r = HTTP.get(url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    for path in ("/health", "/v1/models", "/openapi.json"):
+        head, get = HTTP.head(url + path), HTTP.get(url + path)
+        assert head.status_code == get.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    assert "head" not in HTTP.get(url + "/openapi.json").json()["paths"]["/health"]
