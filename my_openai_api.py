@@ -145,12 +145,13 @@ def parse_logit_bias(value, vocab_size):
 # fields whose values ask for something this server does not do: each value here asks for nothing and passes;
 # any other is a 400 naming the field (a missing or null field always passes)
 NOTHING_ASKED = {
-    "response_format": ({"type": "text"},),  # JSON mode and JSON schemas are not enforced
-    "tools": ([],), "functions": ([],),      # no tool calling
-    "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
-    "audio": (), "prediction": (), "web_search_options": (),  # no audio, predicted outputs or web search
-    "modalities": (["text"],),
-    "store": (False,),                        # nothing is stored
+    "response_format": (lambda v: isinstance(v, dict) and v.get("type") == "text", '{"type": "text"}'),  # no JSON mode
+    "tools": (lambda v: v == [], "[]"), "functions": (lambda v: v == [], "[]"),  # no tool calling
+    "tool_choice": (lambda v: v in ("none", "auto"), '"none" or "auto"'),
+    "function_call": (lambda v: v in ("none", "auto"), '"none" or "auto"'),
+    "audio": (None, ""), "prediction": (None, ""), "web_search_options": (None, ""),  # nor audio, predictions, search
+    "modalities": (lambda v: v == ["text"], '["text"]'),
+    "store": (lambda v: v is False, "false"),  # nothing is stored
 }
 TYPED = {  # optional fields that ask for nothing either way, checked for their type
     "user": (str, "a string"), "metadata": (dict, "an object"), "parallel_tool_calls": (bool, "a boolean"),
@@ -159,10 +160,10 @@ TYPED = {  # optional fields that ask for nothing either way, checked for their 
 
 
 def refuse_unsupported(body):
-    for name, allowed in NOTHING_ASKED.items():
+    for name, (asks_nothing, allowed) in NOTHING_ASKED.items():
         value = body.get(name)
-        if value is not None and value not in allowed:
-            said = f"only {', '.join(json.dumps(a) for a in allowed)} (or null)" if allowed else "null"
+        if value is not None and not (asks_nothing and asks_nothing(value)):
+            said = f"only {allowed} (or null)" if allowed else "null"
             raise bad(name, f"'{name}' {short(value)} asks for what this server does not do; it accepts {said}",
                       "unsupported_value")
     for name, (kind, what) in TYPED.items():
@@ -367,6 +368,11 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
                                                           "properties": {"type": {"const": "text"}}}]},
         "tools": {"type": ["array", "null"], "maxItems": 0},
         "tool_choice": {"enum": ["none", "auto", None]},
+        "functions": {"type": ["array", "null"], "maxItems": 0}, "function_call": {"enum": ["none", "auto", None]},
+        "audio": {"type": "null"}, "prediction": {"type": "null"}, "web_search_options": {"type": "null"},
+        "modalities": {"anyOf": [{"type": "null"}, {"const": ["text"]}]}, "store": {"enum": [False, None]},
+        "user": {"type": ["string", "null"]}, "metadata": {"type": ["object", "null"]},
+        "parallel_tool_calls": {"type": ["boolean", "null"]}, "service_tier": {"type": ["string", "null"]},
         "max_tokens": TOKEN_LIMIT, "max_completion_tokens": TOKEN_LIMIT,
         "n": {"type": ["integer", "null"], "enum": [1, None]},
         "seed": {"type": ["integer", "null"]},
