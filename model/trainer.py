@@ -612,6 +612,8 @@ class Trainer:
         if not (self.rt.is_main and self.metrics_path.exists()):
             return
         kept = [r for r in read_metrics(self.metrics_path, self.rt.print) if r["step"] <= step]
+        if len(kept) == len(self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()):
+            return  # nothing to drop: the file stays as it is
         atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
     # -- the loop
