@@ -524,6 +524,8 @@ class Trainer:
     def _write_failure(self, e, state=None):
         """One line: what could not be written (on a full disk, how much room it needed and had), and only true
         statements about what survives."""
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()  # the error line goes below the progress bar, not onto it
         what = first_line(e)
         if getattr(e, "errno", None) == errno.ENOSPC:
             needed = tensor_bytes(state) + tensor_bytes(self.model.state_dict()) if state else 0
@@ -647,6 +649,7 @@ class Trainer:
         return batches, n_samples
 
     def fit(self):
+        """Train to the end; True when this run trained and wrote the final weights (a signal exits instead)."""
         a, rt = self.args, self.rt
         if a.resume and not getattr(a, "fresh", False):
             self.try_resume()
@@ -692,7 +695,7 @@ class Trainer:
         if self.step == steps_at_start:
             rt.print(f"{self.stem}: nothing to train: the saved run is at step {self.step} of {self.total_steps} "
                      f"(raise --max_steps or --epochs to go on); nothing was written")
-            return True
+            return False
         self.save(final=True)
         if rt.is_main:
             self.plot()

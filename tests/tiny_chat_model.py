@@ -66,7 +66,6 @@ def build(tmp_dir, max_seq_len=4096, steps=120):
     from transformers import AutoTokenizer
 
     from model.checkpoint import save_weights
-    from model.generate import chat_prompt
     from model.LMConfig import LMConfig
     from model.model import Transformer
 
@@ -76,7 +75,8 @@ def build(tmp_dir, max_seq_len=4096, steps=120):
     model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=max_seq_len))
     rows = []
     for q, a in CONVERSATIONS:
-        text = chat_prompt(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        text = tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                             tokenize=False)  # a finished conversation, no new turn after it
         rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     width = max(map(len, rows))
     batch = torch.tensor([r + [0] * (width - len(r)) for r in rows])
