@@ -223,13 +223,13 @@ def test_frequency_penalty_and_logit_bias_change_what_is_generated(engine, monke
     forced = engine.complete(HELLO, SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True,
                                                    logit_bias={7: 100}))
     assert forced.token_ids == [7] * 5
-    # the penalties count the answer's own tokens: greedy answers agree until plain greedy would repeat a token,
-    # and the penalised one then picks another
-    plain = engine.complete(HELLO, SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)).token_ids
-    repeat = next(i for i, t in enumerate(plain) if t in plain[:i])
-    ids = engine.complete(HELLO, SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True,
-                                                frequency_penalty=2)).token_ids
-    assert ids[:repeat] == plain[:repeat] and ids != plain
+    # the frequency penalty grows with each repeat: a token forced by a bias of 100 keeps its place for many
+    # tokens (2 x count must outweigh the bias) and then loses it
+    forced = SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True, logit_bias={7: 100})
+    assert engine.complete(HELLO, forced).token_ids == [7] * 100
+    paced = engine.complete(HELLO, SamplingParams.make(forced, frequency_penalty=2)).token_ids
+    first_other = next(i for i, t in enumerate(paced) if t != 7)
+    assert 20 <= first_other < 100, paced
     # the presence penalty sees, at each step, how often each token is in the answer so far (prompt excluded)
     from model import generate
     seen_counts, real = [], generate.openai_adjusted
