@@ -89,14 +89,17 @@ def atomic_write(path, write_fn):
     over `path`. A failure is a WriteError naming `path`; the old file, if any, is kept."""
     path = Path(path)
     tmp = temp_path(path)
+    error = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_fn(str(tmp))
         commit(tmp, path)
     except (OSError, RuntimeError) as e:
-        raise why_not_written(path, e) from None
+        error = why_not_written(path, e)
     finally:
         remove(tmp)
+    if error is not None:  # raised out here, the failed writer's traceback (and its open file) is already gone,
+        raise error        # so the space of the removed temporary file is free again
 
 
 @contextmanager

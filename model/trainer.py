@@ -307,12 +307,18 @@ def settings_changes(saved, now, allowed):
     return changes
 
 
-def tensor_bytes(obj):
-    """The bytes of the tensors in a nested state (what writing it needs, give or take its small index)."""
+def tensor_bytes(obj, seen=None):
+    """The bytes of the tensors in a nested state (what writing it needs, give or take its small index); storage
+    shared by several tensors (tied weights) counts once, as torch.save writes it once."""
+    seen = set() if seen is None else seen
     if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
     values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return sum(tensor_bytes(v) for v in values)
+    return sum(tensor_bytes(v, seen) for v in values)
 
 
 def rng_state():
@@ -528,7 +534,7 @@ class Trainer:
             self.bar.close()  # the error line goes below the progress bar, not onto it
         what = first_line(e)
         if getattr(e, "errno", None) == errno.ENOSPC:
-            needed = tensor_bytes(state) + tensor_bytes(self.model.state_dict()) if state else 0
+            needed = tensor_bytes(state) + tensor_bytes(state["model"]) if state else 0  # the state and the weights
             what = f"cannot write {e.filename or self.args.out_dir}: {space_left(self.args.out_dir, needed)}"
         if self.state_step is None:
             return (f"{what}; no training state of this run was written before it: free "

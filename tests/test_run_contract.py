@@ -3,6 +3,7 @@ says what changed, the same seed gives the same LoRA adapter, a signal exits 130
 to finished weights, and a full disk is said in plain words with only true statements about what survives."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -204,6 +205,8 @@ def test_a_full_disk_says_so_and_only_what_is_true(data, tmp_path):
     line = full_disk_line(run_on_small_disk(tmp_path / "a", "600k", cmd))
     assert "No space left on device (" in line and "MB needed, " in line and "MB free)" in line, line
     assert "no training state of this run was written" in line and "intact" not in line, line
+    needed, free = (float(x) for x in re.search(r"\(([\d.]+) MB needed, ([\d.]+) MB free\)", line).groups())
+    assert 0.3 < free <= 0.62 < needed, line  # the failed write's temporary file is gone: its space counts as free
     # one state fits, the second save does not: the line names the state of step 2 as intact
     line = full_disk_line(run_on_small_disk(tmp_path / "b", "5m", cmd))
     assert "No space left on device (" in line and "training state of step 2" in line and "--resume" in line, line
