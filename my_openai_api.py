@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 import uuid
+import warnings
 from contextlib import aclosing
 from dataclasses import replace
 from functools import partial
@@ -362,8 +363,7 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
         "repetition_penalty": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 10},
         "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
         "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
-        "logit_bias": {"type": ["object", "null"], "propertyNames": {"pattern": "^[0-9]+$"},  # (create_app narrows)
-                       "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+        "logit_bias": {"type": ["object", "null"]},  # (narrowed to the model's token ids by logit_bias_schema)
         "response_format": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["type"],
                                                           "properties": {"type": {"const": "text"}}}]},
         "tools": {"type": ["array", "null"], "maxItems": 0},
@@ -389,6 +389,12 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
     "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
 
 
+def logit_bias_schema(vocab_size):
+    """logit_bias keys as ids of a model with vocab_size tokens (as many digits as always fit), values -100..100."""
+    return {"type": ["object", "null"], "propertyNames": {"pattern": f"^[0-9]{{1,{len(str(vocab_size)) - 1}}}$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
+
+
 def completion_request_schema(vocab_size):
     """What parse_completion_request accepts, for a model with vocab_size token ids."""
     ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
@@ -396,7 +402,7 @@ def completion_request_schema(vocab_size):
     chat_only = ("messages", "max_completion_tokens", "logprobs", "top_logprobs")
     shared = {k: v for k, v in CHAT_REQUEST_SCHEMA["properties"].items() if k not in chat_only}
     return {"type": "object", "required": ["prompt"], "properties": {
-        **shared,
+        **shared, "logit_bias": logit_bias_schema(vocab_size),
         "prompt": {"anyOf": [text, ids, {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": text},
                              {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": ids}]},
         "max_tokens": {"type": ["integer", "null"], "anyOf": [{"minimum": -1}, {"type": "null"}]},
@@ -822,8 +828,8 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
                           f"context of {engine.max_len} tokens", "context_length_exceeded")
         return prompt_ids, params, stream, include_usage
 
-    schema = json.loads(json.dumps(CHAT_REQUEST_SCHEMA))  # token ids of this model: as many digits as always fit
-    schema["properties"]["logit_bias"]["propertyNames"]["pattern"] = f"^[0-9]{{1,{len(str(engine.vocab_size)) - 1}}}$"
+    schema = {**CHAT_REQUEST_SCHEMA, "properties": {**CHAT_REQUEST_SCHEMA["properties"],
+                                                    "logit_bias": logit_bias_schema(engine.vocab_size)}}
     chat_openapi = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
     chat_responses = {200: {"description": "a chat.completion object, or with stream: true server-sent "
                             "chat.completion.chunk events ending with data: [DONE]",
@@ -909,7 +915,9 @@ def list_get_without_head(app):
     build = app.openapi
 
     def openapi():
-        schema = build()
+        with warnings.catch_warnings():  # GET and HEAD of a path are one operation: its id is not a duplicate
+            warnings.filterwarnings("ignore", message="Duplicate Operation ID")
+            schema = build()
         for operations in schema.get("paths", {}).values():
             operations.pop("head", None)
         return schema

@@ -219,7 +219,8 @@ LOGITS = st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False) | s
        counts=st.lists(st.integers(0, 10 ** 6), min_size=48, max_size=48))
 def test_accepted_sampling_parameters_give_finite_probabilities(fields, logits, seen_bits, counts):
     try:
-        _, params, _, _ = parse_request({"messages": [{"role": "user", "content": "x"}], **fields}, len(logits))
+        _, params, _, _ = parse_request({"messages": [{"role": "user", "content": "x"}], **fields},
+                                        vocab_size=len(logits))
     except APIError:
         TRIED["sampling rejected (400)"] += 1
         assume(False)  # only what the server accepts must sample finitely
