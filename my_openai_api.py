@@ -18,6 +18,7 @@ import textwrap
 import threading
 import time
 import uuid
+import warnings
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from functools import partial
@@ -28,6 +29,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model import chat_format
 from model.checkpoint import weights_name
@@ -38,6 +40,8 @@ log = logging.getLogger("minimind.api")
 ROLES = ("system", "user", "assistant", "tool", "developer")  # "developer" is OpenAI's newer name for system
 DEFAULTS = SamplingParams()  # a field a request leaves out (or sends as null) gets its default
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: hundreds of thousands of characters, far beyond any context
+DEFAULT_HEADER_TIMEOUT_S = 30  # a client has this long to send its request line and headers
+DEFAULT_BODY_TIMEOUT_S = 60  # ... and this long for the whole body (1 MiB at 20 KB/s)
 SURROGATE = re.compile("[\ud800-\udfff]")  # a lone UTF-16 half: valid in a JSON escape, not as text
 
 
@@ -48,9 +52,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
-    def response(self):
+    def response(self, headers=None):
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if self.status == 401 else {})}
         # ASCII JSON: a message quoting the client's text stays sendable even if that text holds lone surrogates
         return Response(json.dumps(body), status_code=self.status, headers=headers, media_type="application/json")
 
@@ -126,7 +130,54 @@ def parse_messages(messages):
     return out
 
 
-def parse_request(body, prompt=("messages", parse_messages)):
+def parse_logit_bias(value, vocab_size):
+    """OpenAI's logit_bias, {"token id": bias}, as (id, bias) pairs; each key and value checked."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad("logit_bias", f"'logit_bias' must be an object mapping token ids to numbers, got {type(value).__name__}")
+    pairs = []
+    for key, bias in value.items():
+        if not (key.isascii() and key.strip().lstrip("-").isdigit()) or not 0 <= int(key) < vocab_size:
+            raise bad("logit_bias", f"'logit_bias' key {short(key)} is not a token id of this model "
+                      f"(an integer from 0 to {vocab_size - 1}, as a string)", "invalid_value")
+        if not is_number(bias) or not -100 <= bias <= 100:
+            raise bad("logit_bias", f"'logit_bias' value {short(bias)} for token {key} must be a number from -100 "
+                      "to 100", "invalid_value")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
+
+
+# fields whose values ask for something this server does not do: each value here asks for nothing and passes;
+# any other is a 400 naming the field (a missing or null field always passes)
+NOTHING_ASKED = {
+    "response_format": (lambda v: isinstance(v, dict) and v.get("type") == "text", '{"type": "text"}'),  # no JSON mode
+    "functions": (lambda v: v == [], "[]"),  # OpenAI's deprecated tool fields (tools and tool_choice are served)
+    "function_call": (lambda v: v in ("none", "auto"), '"none" or "auto"'),
+    "audio": (None, ""), "prediction": (None, ""), "web_search_options": (None, ""),  # nor audio, predictions, search
+    "modalities": (lambda v: v == ["text"], '["text"]'),
+    "store": (lambda v: v is False, "false"),  # nothing is stored
+}
+TYPED = {  # optional fields that ask for nothing either way, checked for their type
+    "user": (str, "a string"), "metadata": (dict, "an object"), "parallel_tool_calls": (bool, "a boolean"),
+    "service_tier": (str, "a string"),
+}
+
+
+def refuse_unsupported(body):
+    for name, (asks_nothing, allowed) in NOTHING_ASKED.items():
+        value = body.get(name)
+        if value is not None and not (asks_nothing and asks_nothing(value)):
+            said = f"only {allowed} (or null)" if allowed else "null"
+            raise bad(name, f"'{name}' {short(value)} asks for what this server does not do; it accepts {said}",
+                      "unsupported_value")
+    for name, (kind, what) in TYPED.items():
+        value = body.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise bad(name, f"'{name}' must be {what}, got {type(value).__name__}")
+
+
+def parse_request(body, prompt=("messages", parse_messages), vocab_size=2 ** 31):
     """Validated (messages, SamplingParams, stream, include_usage) from a request body; unknown fields ignored.
     prompt: the field that holds the prompt and its parser (/v1/completions: "prompt", parse_prompts)."""
     if not isinstance(body, dict):
@@ -134,6 +185,7 @@ def parse_request(body, prompt=("messages", parse_messages)):
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise bad("model", f"'model' must be a string, got {type(body['model']).__name__}")
     messages = prompt[1](body.get(prompt[0]))
+    refuse_unsupported(body)
 
     def field(name, default, rule=None, kind=(is_number, "a number")):
         """The value of a request field; `rule`: the sampling rule it must meet (SAMPLING_RULES's name)."""
@@ -153,6 +205,9 @@ def parse_request(body, prompt=("messages", parse_messages)):
     temperature = field("temperature", DEFAULTS.temperature, "temperature")
     top_p = field("top_p", DEFAULTS.top_p, "top_p")
     repetition_penalty = field("repetition_penalty", DEFAULTS.repetition_penalty, "repetition_penalty")
+    frequency_penalty = field("frequency_penalty", DEFAULTS.frequency_penalty, "frequency_penalty")
+    presence_penalty = field("presence_penalty", DEFAULTS.presence_penalty, "presence_penalty")
+    logit_bias = parse_logit_bias(body.get("logit_bias"), vocab_size)
     top_k = integer("top_k", DEFAULTS.top_k, "top_k")
     if (n := integer("n", 1)) != 1:
         raise bad("n", f"'n' is {short(n)}; it must be 1 (one choice per request)", "invalid_value")
@@ -191,8 +246,9 @@ def parse_request(body, prompt=("messages", parse_messages)):
     if top_logprobs and not logprobs:
         raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true", "invalid_value")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                            max_new_tokens=max_tokens, stop=tuple(stop or ()), seed=seed, ignore_eos=ignore_eos,
-                            logprobs=top_logprobs if logprobs else None)
+                            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                            logit_bias=logit_bias, max_new_tokens=max_tokens, stop=tuple(stop or ()), seed=seed,
+                            ignore_eos=ignore_eos, logprobs=top_logprobs if logprobs else None)
     return messages, params, bool(stream), include_usage
 
 
@@ -229,7 +285,7 @@ def parse_prompts(prompt):
     return out
 
 
-def parse_completion_request(body):
+def parse_completion_request(body, vocab_size=2 ** 31):
     """Validated (prompts, SamplingParams, stream, include_usage, echo) of a /v1/completions body: the chat
     fields as parse_request has them, and the legacy endpoint's own: max_tokens (default 16; 0 scores the
     prompt without generating), echo, logprobs (an integer: the alternatives per token), suffix and best_of."""
@@ -240,7 +296,7 @@ def parse_completion_request(body):
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and not (is_int(max_tokens) and int(max_tokens) == 0):
         shared["max_tokens"] = max_tokens  # checked as chat checks it
-    prompts, params, stream, include_usage = parse_request(shared, prompt=("prompt", parse_prompts))
+    prompts, params, stream, include_usage = parse_request(shared, ("prompt", parse_prompts), vocab_size)
     max_tokens = 16 if max_tokens is None else params.max_new_tokens if "max_tokens" in shared else 0
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
@@ -471,6 +527,16 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
         "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {"type": ["integer", "null"], "minimum": 0},
         "repetition_penalty": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 10},
+        "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+        "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+        "logit_bias": {"type": ["object", "null"]},  # (narrowed to the model's token ids by logit_bias_schema)
+        "response_format": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["type"],
+                                                          "properties": {"type": {"const": "text"}}}]},
+        "functions": {"type": ["array", "null"], "maxItems": 0}, "function_call": {"enum": ["none", "auto", None]},
+        "audio": {"type": "null"}, "prediction": {"type": "null"}, "web_search_options": {"type": "null"},
+        "modalities": {"anyOf": [{"type": "null"}, {"const": ["text"]}]}, "store": {"enum": [False, None]},
+        "user": {"type": ["string", "null"]}, "metadata": {"type": ["object", "null"]},
+        "parallel_tool_calls": {"type": ["boolean", "null"]}, "service_tier": {"type": ["string", "null"]},
         "max_tokens": TOKEN_LIMIT, "max_completion_tokens": TOKEN_LIMIT,
         "n": {"type": ["integer", "null"], "enum": [1, None]},
         "seed": {"type": ["integer", "null"]},
@@ -487,6 +553,12 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
     "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
 
 
+def logit_bias_schema(vocab_size):
+    """logit_bias keys as ids of a model with vocab_size tokens (as many digits as always fit), values -100..100."""
+    return {"type": ["object", "null"], "propertyNames": {"pattern": f"^[0-9]{{1,{len(str(vocab_size)) - 1}}}$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
+
+
 def completion_request_schema(vocab_size):
     """What parse_completion_request accepts, for a model with vocab_size token ids."""
     ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
@@ -494,7 +566,7 @@ def completion_request_schema(vocab_size):
     chat_only = ("messages", "max_completion_tokens", "logprobs", "top_logprobs")
     shared = {k: v for k, v in CHAT_REQUEST_SCHEMA["properties"].items() if k not in chat_only}
     return {"type": "object", "required": ["prompt"], "properties": {
-        **shared,
+        **shared, "logit_bias": logit_bias_schema(vocab_size),
         "prompt": {"anyOf": [text, ids, {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": text},
                              {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": ids}]},
         "max_tokens": {"type": ["integer", "null"], "anyOf": [{"minimum": -1}, {"type": "null"}]},
@@ -511,8 +583,13 @@ def error_responses(*statuses):
             for s in statuses}
 
 
-async def read_body(request, limit):
-    """The request body, or a 413 error as soon as it is known to exceed `limit` bytes."""
+def peer(request):
+    return "%s:%d" % tuple(request.client) if request.client else "a client"
+
+
+async def read_body(request, limit, timeout=None):
+    """The request body; a 413 error as soon as it is known to exceed `limit` bytes, a 408 when it has not all
+    arrived within `timeout` seconds. A client that leaves before sending all of it is one log line."""
     def too_large():
         return APIError(413, f"the request body is over the server's limit of {limit} bytes (--max-body-bytes)",
                         code="request_too_large")
@@ -520,12 +597,70 @@ async def read_body(request, limit):
     if length.isdigit() and int(length) > limit:
         raise too_large()
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large()
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large()
+                chunks.append(chunk)
+    except ClientDisconnect:
+        log.warning("%s went away after %d of %s body bytes; request abandoned", peer(request), size,
+                    length or "?")
+        raise Abandoned() from None
+    except TimeoutError:
+        log.warning("%s sent %d of %s body bytes in %g s; request abandoned with 408 (--body-timeout)",
+                    peer(request), size, length or "?", timeout)
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s (--body-timeout)",
+                       code="request_timeout") from None
     return b"".join(chunks)
+
+
+class Abandoned(Exception):
+    """The client left while its request was being read: nobody to answer (logged once, where it was seen)."""
+
+
+def with_header_timeout(seconds):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers are not complete `seconds` after
+    they were due (from the connection's start, or from the first byte of a later request on it). uvicorn has no
+    such timer: a connection that opens and sends nothing, or headers that never end, would stay open for ever.
+    (Idle keep-alive connections between requests are closed by uvicorn's --timeout-keep-alive.)"""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._watch_headers()
+
+        def data_received(self, data):
+            super().data_received(data)
+            self._watch_headers()
+
+        def _watch_headers(self):
+            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+            if waiting and self.header_timer is None and self.timeout_keep_alive_task is None:
+                self.header_timer = self.loop.call_later(seconds, self._headers_late)
+            elif not waiting and self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _headers_late(self):
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                who = "%s:%d" % tuple(self.client) if self.client else "a client"
+                log.warning("closed the connection from %s: no complete request headers within %g s "
+                            "(--header-timeout)", who, seconds)
+                self.transport.close()
+
+        def connection_lost(self, exc):
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
 
 
 async def generation(scheduler, req, queue, request):
@@ -798,7 +933,7 @@ async def text_sse(reply, events, include_usage):
 
 
 def create_app(scheduler, model_name, api_key=None, strict_context=False, strict_model_name=False,
-               max_body_bytes=DEFAULT_MAX_BODY_BYTES):
+               max_body_bytes=DEFAULT_MAX_BODY_BYTES, body_timeout=DEFAULT_BODY_TIMEOUT_S):
     relays = {}  # one per event loop (tests start several)
     tool_stats = {"tool_calls": 0, "garbled_tool_calls": 0}  # answers' tool calls, and those returned as text
 
@@ -821,28 +956,35 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
     started = int(time.time())
 
     @app.exception_handler(APIError)
-    async def api_error(request, exc):
-        return exc.response()
+    async def api_error(request, exc):  # (after a 408 the rest of the body may still come: the connection ends)
+        return exc.response({"Connection": "close"} if exc.status == 408 else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # unknown paths and methods, in the same error schema
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        headers = dict(exc.headers or {})
+        if "Allow" in headers:  # the methods of the path, in a stable order
+            headers["Allow"] = ", ".join(sorted(m.strip() for m in headers["Allow"].split(",")))
+        return APIError(exc.status_code, str(exc.detail), code=code).response(headers)
+
+    @app.exception_handler(Abandoned)
+    async def abandoned(request, exc):  # (already logged) nobody reads this answer
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def server_error(request, exc):  # logged by uvicorn; the client still gets the error schema
         return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
 
     if api_key:
-        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(check_key)])
+        @app.api_route("/openapi.json", methods=GET, include_in_schema=False, dependencies=[Depends(check_key)])
         async def openapi():
             return app.openapi()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=GET)
     async def health():
         return {"status": "ok", "model": model_name, **scheduler.stats(), **tool_stats}
 
-    @v1.get("/models", responses=error_responses(401))
+    @v1.api_route("/models", methods=GET, responses=error_responses(401))
     async def models():
         return {"object": "list",
                 "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "minimind",
@@ -858,7 +1000,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
     def prepare(raw):
         """The CPU work of a request, run off the event loop: JSON, validation, the chat template, tokenization."""
         body = parse_json(raw)
-        messages, params, stream, include_usage = parse_request(body)
+        messages, params, stream, include_usage = parse_request(body, vocab_size=engine.vocab_size)
         options = parse_tool_options(body)
         check_model_name(body)
         prompt_ids = engine.encode(messages, tools=options.tools, enable_thinking=options.enable_thinking,
@@ -872,8 +1014,9 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
                           f"context of {engine.max_len} tokens", "context_length_exceeded")
         return prompt_ids, params, stream, include_usage, options
 
-    chat_openapi = {"requestBody": {"required": True,
-                                    "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}}}
+    schema = {**CHAT_REQUEST_SCHEMA, "properties": {**CHAT_REQUEST_SCHEMA["properties"],
+                                                    "logit_bias": logit_bias_schema(engine.vocab_size)}}
+    chat_openapi = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
     chat_responses = {200: {"description": "a chat.completion object, or with stream: true server-sent "
                             "chat.completion.chunk events ending with data: [DONE]",
                             "content": {"application/json": {"schema": {"type": "object"}},
@@ -884,7 +1027,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
 
     @v1.post("/chat/completions", openapi_extra=chat_openapi, responses=chat_responses)
     async def chat_completions(request: Request):
-        raw = await read_body(request, max_body_bytes)
+        raw = await read_body(request, max_body_bytes, body_timeout)
         prompt_ids, params, stream, include_usage, options = await asyncio.to_thread(prepare, raw)
         loop = asyncio.get_running_loop()
         relay = relays.get(loop) or relays.setdefault(loop, EventRelay(loop))
@@ -906,7 +1049,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
         --strict-context against the context; else a prompt that fills it is cut from the left, as in chat, and
         an echo shows the tokens kept)."""
         body = parse_json(raw)
-        prompts, params, stream, include_usage, echo = parse_completion_request(body)
+        prompts, params, stream, include_usage, echo = parse_completion_request(body, engine.vocab_size)
         check_model_name(body)
         room = params.max_new_tokens if params.max_new_tokens != -1 else 1
         ids = []
@@ -946,7 +1089,25 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
         return await whole_texts(reply, events, headers)
 
     app.include_router(v1)
+    list_get_without_head(app)
     return app
+
+
+GET = ["GET", "HEAD"]  # every path that answers GET answers HEAD too (the same headers, no body)
+
+
+def list_get_without_head(app):
+    """The schema lists the GET operations alone: HEAD is the same operation without its body."""
+    build = app.openapi
+
+    def openapi():
+        with warnings.catch_warnings():  # GET and HEAD of a path are one operation: its id is not a duplicate
+            warnings.filterwarnings("ignore", message="Duplicate Operation ID")
+            schema = build()
+        for operations in schema.get("paths", {}).values():
+            operations.pop("head", None)
+        return schema
+    app.openapi = openapi
 
 
 def main():
@@ -961,7 +1122,11 @@ def main():
             f"{DEFAULTS.top_p}; max_tokens absent or -1 means up to the context limit, and an answer that reaches "
             "the limit ends with finish_reason 'length'. Ranges: temperature 0-2 (0 greedy; any tiny value is "
             "near-greedy, never an error), top_p (0, 1], top_k >= 0, repetition_penalty (0, 10], seed any integer "
-            "(taken modulo 2**64); others are a 400 error naming the field. Extensions to the OpenAI fields: top_k, "
+            "(taken modulo 2**64), frequency_penalty and presence_penalty -2..2 (OpenAI's: they count the tokens of "
+            "the answer so far), logit_bias {token id: -100..100}; others are a 400 error naming the field, and so "
+            "is a field that asks for what the server does not do (response_format other than text, n > 1, tools, "
+            "audio, ...). Messages: every system (or developer) message's text goes first, in order; a conversation "
+            "ending with an assistant message gets a new assistant turn after it. Extensions to the OpenAI fields: top_k, "
             "repetition_penalty, ignore_eos. POST /v1/completions is OpenAI's legacy endpoint (prompt as text, texts, "
             "token ids or lists of them; echo; logprobs 0-20; max_tokens default 16, 0 scores the prompt): what "
             "lm-evaluation-harness's local-completions model uses. Log-probabilities (there and with chat's logprobs "
@@ -982,10 +1147,18 @@ def main():
                         help="answer only requests naming --served-model-name (or none); others get 404")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="larger request bodies get 413 before they are read (default: %(default)s, 1 MiB)")
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        help="seconds a client has to send its request headers; then the connection is closed "
+                        "(default: %(default)s)")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help="seconds a client has to send the whole request body; then it gets 408 "
+                        "(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.max_body_bytes < 1:
         parser.error("--max-body-bytes must be at least 1")
+    if not (args.header_timeout > 0 and args.body_timeout > 0):
+        parser.error("--header-timeout and --body-timeout must be greater than 0")
     if args.model == "out/full_sft_512.pth" and (args.dim or args.use_moe):  # the training stage's name for it
         args.model = f"out/{weights_name('full_sft', args)}"
     threads = single_torch_thread()  # only the scheduler's thread runs parallel kernels
@@ -996,10 +1169,11 @@ def main():
     scheduler = Scheduler(Engine(model, tokenizer, max_batch=args.max_batch), threads=threads)
     name = args.served_model_name or Path(args.model.rstrip("/")).stem
     app = create_app(scheduler, name, api_key=args.api_key, strict_context=args.strict_context,
-                     strict_model_name=args.strict_model_name, max_body_bytes=args.max_body_bytes)
+                     strict_model_name=args.strict_model_name, max_body_bytes=args.max_body_bytes,
+                     body_timeout=args.body_timeout)
     log.info("serving %s (%.2fM parameters, context %d) on http://%s:%d/v1", name,
              sum(p.numel() for p in model.parameters()) / 1e6, model.config.max_seq_len, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=with_header_timeout(args.header_timeout))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import codecs
 import csv
+import gzip
 import json
 import os
 import re
@@ -52,10 +53,68 @@ def missing_file_error(path, kind):
 # ---------------------------------------------------------------------------------------------
 # Reading: (line, record, problem) triples, one record in memory at a time.
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def sniff_encoding(raw):
+    """The encoding of bytes that are text but not UTF-8: "UTF-16" (a byte-order mark, or ASCII with every other
+    byte zero) or "GBK" (Chinese Windows text, read as its superset GB18030); None when neither fits."""
+    zeros = raw.count(0)  # text in UTF-8 has none; UTF-16 has one in every ASCII character, all at odd or even places
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (zeros > len(raw) // 16 and
+                                                  max(raw[0::2].count(0), raw[1::2].count(0)) > 0.9 * zeros):
+        return "UTF-16"
+    *whole, last = raw.split(b"\n")
+    bad = [not is_utf8(line) for line in whole if not line.isascii()]
+    if not last.isascii():  # a sample may end inside a character
+        bad.append(not is_utf8(last, final=False))
+    if sum(bad) * 2 <= len(bad):
+        return None  # UTF-8 text, perhaps with a few bad lines: those are named one by one
+    for end in (len(raw), len(raw) - 1):  # a sample may end inside a two-byte character
+        try:
+            text = raw[:end].decode("gb18030")
+        except UnicodeDecodeError:
+            continue
+        return "GBK" if re.search("[\u4e00-\u9fff]", text) else None
+    return None
+
+
+def is_utf8(raw, final=True):
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(raw, final=final)
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def encoding_advice(path, encoding):
+    stem, dot, ext = os.path.basename(path).partition(".")
+    return (f"{path}: the file is {encoding} text, not UTF-8; convert it first, e.g. "
+            f"iconv -f {encoding} -t UTF-8 {path} > {stem}.utf8{dot}{ext}")
+
+
+def is_gzip(path):
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def open_input(path):
+    """A raw input file for reading bytes: gzip-compressed files (large corpora ship as .jsonl.gz) are read
+    through gzip whatever their name. A file in UTF-16 or GBK is a DataError naming the encoding."""
+    f = gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+    try:
+        encoding = sniff_encoding(f.peek(1 << 16)[:1 << 16])
+    except (OSError, EOFError) as e:  # a damaged or truncated gzip file
+        f.close()
+        raise DataError(f"{path}: cannot read it as gzip ({e})") from None
+    if encoding:
+        f.close()
+        raise DataError(encoding_advice(path, encoding))
+    return f
+
 
 def iter_jsonl(path, stats, max_line_bytes=DEFAULT_MAX_LINE_BYTES, progress=None):
     """Yield (line_no, obj, problem) for each non-blank line; blank lines are only counted."""
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         line_no = 0
         while True:
             raw = f.readline(max_line_bytes + 1)
@@ -171,7 +230,7 @@ def iter_json_array(path, stats, max_line_bytes=DEFAULT_MAX_LINE_BYTES, progress
     reading resumes at the next line opening an element at the first element's indentation.
     In a one-line array it is always fatal (raised as BadRecord).
     """
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         r = _ArrayReader(f, progress)
         r.more()
         if r.buf.startswith("\ufeff"):
@@ -221,9 +280,9 @@ def iter_json_array(path, stats, max_line_bytes=DEFAULT_MAX_LINE_BYTES, progress
 
 def looks_like_json_array(path):
     """True when the file's first non-blank character is '[' (a .json dump rather than JSONL)."""
-    if str(path).endswith(".jsonl"):
+    if str(path).removesuffix(".gz").endswith(".jsonl"):
         return False
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         head = f.read(1 << 16)
     return head.removeprefix(BOM).lstrip()[:1] == b"["
 
@@ -405,7 +464,8 @@ def convert(in_path, out_path, make_record, *, skip_bad=False, max_line_bytes=DE
     check_paths(in_path, out_path, temp_path(out_path), *([bad_path] if skip_bad else []))
     stats = Counter()
     # progress=None: a bar only on a terminal; False: never
-    bar = tqdm(total=os.path.getsize(in_path), unit="B", unit_scale=True, desc=os.path.basename(in_path),
+    bar = tqdm(total=None if is_gzip(in_path) else os.path.getsize(in_path), unit="B", unit_scale=True,
+               desc=os.path.basename(in_path),
                disable=True if progress is False else None, mininterval=1.0)
     bad_lines = []
     try:

@@ -79,7 +79,7 @@ MATH = ('\ufeffid,question,A,B,C,D,answer\n'                     # a byte-order 
         '\n'                                                    # a blank line
         '1,2+2=?,1,4,3,2,B\n'
         '2,3+3=?,6,5,4,3,A\n'
-        '3,4+4=?,8,7\n')                                        # short row: C, D and answer missing
+        '3,4+4=?,8,7,,,\n')                                     # C, D and answer left empty
 
 
 @pytest.fixture(scope="module")

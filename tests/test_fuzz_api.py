@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from model.generate import penalized_logits, sample_token, sampling_probs
 from model import chat_format
+from model.generate import openai_adjusted, penalized_logits, sample_token, sampling_probs
 from my_openai_api import APIError, parse_messages, parse_request, parse_tool_options
 from serving_helpers import (HANG_GUARD_S, engine, paths, questions, solo, start_server,  # noqa: F401
                              tokenizer, wait_healthy, wait_until)
@@ -99,6 +99,13 @@ VALID_FIELDS = {  # every value the server accepts, boundaries included
     "tools": st.lists(TOOL, max_size=3, unique_by=lambda t: t["function"]["name"]),
     "tool_choice": st.sampled_from(["auto", "none"]),
     "chat_template_kwargs": st.fixed_dictionaries({}, optional={"enable_thinking": st.booleans()}),
+    "frequency_penalty": st.floats(-2, 2) | st.sampled_from([-2, 0, 2]),
+    "presence_penalty": st.floats(-2, 2) | st.sampled_from([-2, 0, 2]),
+    "logit_bias": st.dictionaries(st.integers(0, 799).map(str), st.floats(-100, 100) | st.sampled_from([-100, 100]),
+                                  max_size=4),
+    "response_format": st.just({"type": "text"}),
+    "logprobs": st.just(False),
+    "user": st.text(max_size=6),
 }
 TURN = (st.fixed_dictionaries({"role": ROLE, "content": st.text(max_size=40) | PARTS})
         | st.fixed_dictionaries({"role": st.just("assistant"), "content": st.none(), "tool_calls": st.lists(
@@ -120,7 +127,10 @@ BROKEN_BODY = st.fixed_dictionaries(  # each field anything at all, mostly wrong
            "include_usage": st.booleans() | JSON}) | JSON,
        "tools": st.lists(TOOL | JSON, max_size=3) | JSON, "tool_choice": TOOL_CHOICE | JSON,
        "chat_template_kwargs": st.dictionaries(st.sampled_from(["enable_thinking", "x"]), JSON, max_size=2) | JSON,
-       "parallel_tool_calls": JSON})
+       "parallel_tool_calls": JSON,
+       "logit_bias": st.dictionaries(TEXT | st.integers(-5, 10 ** 6).map(str), NUMBER, max_size=3) | JSON,
+       "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema"])})
+       | JSON, "audio": JSON, "store": JSON, "modalities": JSON})
 
 
 def check_response(r, stream):
@@ -215,21 +225,29 @@ SAMPLING = st.fixed_dictionaries({}, optional={
     "top_p": st.floats(0, 1) | st.sampled_from([5e-324, 1e-300, 1]),
     "top_k": st.integers(0, 2 ** 70),
     "repetition_penalty": st.floats(0, 10) | st.sampled_from([5e-324, 1e-300, 10]),
+    "frequency_penalty": st.floats(-3, 3) | st.sampled_from([-2, 2]),
+    "presence_penalty": st.floats(-3, 3) | st.sampled_from([-2, 2]),
+    "logit_bias": st.dictionaries(st.integers(0, 60).map(str), st.floats(-101, 101) | st.sampled_from([-100, 100]),
+                                  max_size=3),
     "seed": st.integers(-2 ** 63, 2 ** 64 - 1)})
 LOGITS = st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False) | st.sampled_from([0.0, -1e30, 3.4e38]),
                   min_size=1, max_size=48)
 
 
 @settings(max_examples=500, deadline=None, database=None)
-@given(fields=SAMPLING, logits=LOGITS, seen_bits=st.lists(st.booleans(), min_size=48, max_size=48))
-def test_accepted_sampling_parameters_give_finite_probabilities(fields, logits, seen_bits):
+@given(fields=SAMPLING, logits=LOGITS, seen_bits=st.lists(st.booleans(), min_size=48, max_size=48),
+       counts=st.lists(st.integers(0, 10 ** 6), min_size=48, max_size=48))
+def test_accepted_sampling_parameters_give_finite_probabilities(fields, logits, seen_bits, counts):
     try:
-        _, params, _, _ = parse_request({"messages": [{"role": "user", "content": "x"}], **fields})
+        _, params, _, _ = parse_request({"messages": [{"role": "user", "content": "x"}], **fields},
+                                        vocab_size=len(logits))
     except APIError:
         TRIED["sampling rejected (400)"] += 1
         assume(False)  # only what the server accepts must sample finitely
     TRIED["sampling accepted"] += 1
-    x = torch.tensor(logits, dtype=torch.float32)
+    # the engine's order: OpenAI's adjustments (counts of the answer so far), then the sampling rules
+    x = openai_adjusted(torch.tensor(logits, dtype=torch.float32), params,
+                        torch.tensor(counts[:len(logits)], dtype=torch.float64))
     seen = torch.tensor(seen_bits[:len(logits)])
     g = torch.Generator().manual_seed(0)
     token = sample_token(x, params, g, seen)
