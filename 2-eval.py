@@ -1,7 +1,12 @@
-"""Chat with a fine-tuned model: the seed's demo questions, a prompt file or an interactive session, streamed."""
+"""Chat with a fine-tuned model: the seed's demo questions, a prompt file or an interactive session, streamed.
+Thinking is shown apart from the answer; with --tools the demo world's tools are offered and run here when the
+model calls them (the tool loop a client runs)."""
 import argparse
+import json
 
+from model import chat_format
 from model.cli import add_model_args, add_sampling_args, load_or_exit, sampling_kwargs
+from model.demo.tools import TOOLS, load_world, run_tool
 from model.evaluation import chat_input_ids, read_prompts
 from model.generate import Engine
 
@@ -37,25 +42,71 @@ def main(argv=None):
     p.add_argument("--interactive", action="store_true", help="type questions; an empty line is skipped, exit quits")
     p.add_argument("--history", action="store_true", help="multi-turn: earlier turns stay in the prompt")
     p.add_argument("--system", default=None, help="optional system text put before the conversation")
+    p.add_argument("--tools", metavar="DEMO_DIR", nargs="?", const="dataset/demo", default=None,
+                   help="offer the demo world's lookup and calculate tools (the world of DEMO_DIR/manifest.json, "
+                   "default dataset/demo) and run them when the model calls them")
+    p.add_argument("--thinking", choices=("auto", "on", "off"), default="auto",
+                   help="auto: the model decides; on: it starts with a thought; off: it answers directly")
     args = p.parse_args(argv)
 
+    world, tools = None, None
+    if args.tools:
+        try:
+            world, tools = load_world(args.tools), TOOLS
+        except ValueError as e:
+            p.error(str(e))
     model, tokenizer = load_or_exit(args)
     engine = Engine(model, tokenizer)
     max_len = model.config.max_seq_len
     budget = max(max_len - args.max_new_tokens, max_len // 2)  # prompt tokens kept, oldest turns dropped first
+    thinking = {"auto": None, "on": True, "off": False}[args.thinking]
     history = [{"role": "system", "content": args.system}] if args.system else []
     for q in questions(args):
         messages = history + [{"role": "user", "content": q}]
         if not args.interactive:
             print(f"Q: {q}")
-        print("A: ", end="", flush=True)
-        answer = ""
-        for piece in engine.stream(chat_input_ids(tokenizer, messages, budget), **sampling_kwargs(args)):
-            answer += piece
-            print(piece, end="", flush=True)
-        print("\n")
+        for _ in range(4):  # the answer, after at most three rounds of tool calls
+            ids = chat_input_ids(tokenizer, messages, budget, tools, thinking)
+            turn = show_answer(engine.stream(ids, **sampling_kwargs(args)), tools, thinking)
+            messages.append(turn)
+            if not turn.get("tool_calls"):
+                break
+            for call in turn["tool_calls"]:
+                result = run_tool(world, call)
+                print(f"   → {result}")
+                messages.append({"role": "tool", "content": result})
+        print()
         if args.history:
-            history = messages + [{"role": "assistant", "content": answer}]
+            history = messages
+
+
+def show_answer(deltas, tools, thinking):
+    """Print an answer as it streams, its thought apart (💭) from what it says (A:) and its tool calls (🔧);
+    returns it as an assistant message."""
+    start = {True: chat_format.THINK_OPEN, False: chat_format.THINK_OFF}.get(thinking, "")
+    reader, shown = chat_format.ReplyReader(tools, start), None
+    turn = {"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": []}
+
+    def events():
+        for delta in deltas:
+            yield from reader.feed(delta)
+        yield from reader.close()
+
+    for kind, value in events():
+        label = {"reasoning": "💭 ", "content": "A: ", "call": "🔧 "}[kind]
+        if kind != shown or kind == "call":
+            print(("\n" if shown else "") + label, end="")
+            shown = kind
+        if kind == "call":
+            turn["tool_calls"].append(value)
+            print(f"{value['name']}({json.dumps(value['arguments'], ensure_ascii=False)})", end="")
+        else:
+            turn["reasoning_content" if kind == "reasoning" else "content"] += value
+            print(value, end="", flush=True)
+    if not turn["content"] and not turn["tool_calls"]:
+        print(("\n" if shown else "") + "A: ", end="")  # an empty answer is an answer too
+    print()
+    return {k: v for k, v in turn.items() if v or k == "content"}
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def main():
     from peft import LoraConfig, get_peft_model
     lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=TARGETS, bias="none")
+    T.seed_everything(args.seed)  # the adapters' initial values come from the run's seed
     model = get_peft_model(base, lora)
     from model.dataset import SFTDataset, collate_pad
     dataset = SFTDataset(args.data_path, T.load_tokenizer(args, base), max_length=args.max_seq_len)

@@ -23,8 +23,9 @@ archive into dataset/ceval/: 52 subjects, 1346 questions); for CMMLU unzip its a
 pass --data_dir dataset/cmmlu/test (67 subjects, answers included). The demo world writes its MCQ
 files to dataset/demo/ceval. Cells are stripped of stray whitespace and an empty option stays empty. A row
 without an answer is still scored and written to the result CSV, but not counted in the accuracy; the
-tables and summary.json report how many there were ("unanswerable"). An answer other than A-D is an error
-naming the file and line.
+tables and summary.json report how many there were ("unanswerable"). A file that cannot be read (empty, not
+UTF-8, a header of neither layout, a row with too few or too many fields, an answer other than A-D) is
+listed with its reason, one line each, the other files are scored, and the exit status is 1.
 Scoring, --method letter (the default, the seed's): the user message is model.dataset.format_mcq(question,
 [A, B, C, D]) in the chat template, followed by the assistant header; prob_A..prob_D are the next-token
 probabilities of the four letters renormalised over them, letter_mass their share of all tokens, and the
@@ -56,12 +57,18 @@ def main(argv=None):
                    help="letter: next-token probability of A-D (default); cloze: each option's text, length-normalised")
     args = p.parse_args(argv)
 
+    failed = []  # one line per file that cannot be scored; the others are scored all the same
     try:
-        subjects = read_ceval_dir(args.data_dir, args.limit)
+        subjects = read_ceval_dir(args.data_dir, args.limit, problems=failed)
     except ValueError as e:
         hint = ("" if os.path.isdir(args.data_dir) else
                 " (put the C-Eval val CSVs there, or try --data_dir dataset/demo/ceval after the demo data is made)")
         sys.exit(f"error: {e}{hint}")
+    if not subjects:
+        if len(failed) == 1:
+            sys.exit(f"error: {failed[0]}")
+        report_failed(failed)
+        sys.exit(f"error: none of the {len(failed)} files in {args.data_dir} can be scored")
     model, tokenizer = load_or_exit(args)
     model.to(DTYPES[args.dtype])
 
@@ -78,7 +85,8 @@ def main(argv=None):
         by_subject[name], i = results[i:i + len(qs)], i + len(qs)
 
     summary = summarize(by_subject)
-    summary.update(method=args.method, model=str(args.model), data_dir=str(args.data_dir), layouts=layouts, **info)
+    summary.update(method=args.method, model=str(args.model), data_dir=str(args.data_dir), layouts=layouts,
+                   failed_files=failed, **info)
     task_folder = os.path.join(args.out_dir, "lm_eval_task")
     try:
         task = write_harness_task(task_folder, questions, args.method)
@@ -99,7 +107,18 @@ def main(argv=None):
         if key in harness:
             print(f"  {harness[key]}")
     print(f"or against a running `python my_openai_api.py --model {args.model}`:\n  {harness['server']}")
+    if failed:
+        report_failed(failed)
+        sys.exit(1)
     return summary
+
+
+def report_failed(failed):
+    """Every file that could not be scored, one line each on stderr, after a count."""
+    if failed:
+        print(f"error: {len(failed)} file(s) not scored:", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from model import chat_format
 from model.checkpoint import CheckpointError, load_model, load_tokenizer_dir
 from model.cli import add_model_args
 from model.files import atomic_folder
@@ -34,7 +35,10 @@ DETAILS = """\
   also be a --format llama folder (its rotary permutation is undone).
 After writing, the output is loaded back and its logits are compared with the checkpoint's. A GGUF file is read
 back with the gguf package and, when llama-cpp-python is installed, also by llama.cpp itself (tokenization of a
-fixed text set and the logits of one sequence).
+fixed text set, of texts holding every added token of the tokenizer, and of a sample of --check_data; the
+logits of one sequence): a text tokenized differently is an error. Tokens added to the BPE vocabulary are
+written as llama.cpp's control tokens (special ones) or user-defined tokens (whole words), which it matches
+before BPE, as the tokenizer folder does.
 """
 
 
@@ -130,10 +134,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def copy_tokenizer(tokenizer_dir, out):
-    """The tokenizer files as shipped (re-saving would rewrite tokenizer_config in a transformers-5-only form)."""
+    """The tokenizer files as shipped (re-saving would rewrite tokenizer_config in a transformers-5-only form), with
+    the chat format's own template, whatever template an older tokenizer folder carried."""
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).is_file():
             shutil.copy(Path(tokenizer_dir) / name, Path(out) / name)
+    config_path = Path(out) / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["chat_template"] = chat_format.CHAT_TEMPLATE
+        config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    if (Path(out) / "chat_template.jinja").is_file():
+        (Path(out) / "chat_template.jinja").write_text(chat_format.CHAT_TEMPLATE, encoding="utf-8")
 
 
 def save_generation_config(out):
@@ -172,7 +184,7 @@ def export(model, tokenizer_dir, out, fmt="transformers", dtype="float32"):
     return max_logit_diff(model.float(), loaded.eval(), model.config.vocab_size)
 
 
-def export_gguf(model, tokenizer_dir, out, outtype="f32"):
+def export_gguf(model, tokenizer_dir, out, outtype="f32", check_data=None):
     """Write the GGUF file, read it back and return (max |logit difference| of what it stores, llama.cpp's check
     or None when llama-cpp-python is not installed)."""
     from model.gguf_export import llama_cpp_check, model_from_gguf, write_gguf
@@ -185,7 +197,7 @@ def export_gguf(model, tokenizer_dir, out, outtype="f32"):
         import llama_cpp  # noqa: F401  (a test requirement; the export works without it)
     except ImportError:
         return diff, None
-    return diff, llama_cpp_check(out, model, tokenizer_dir)
+    return diff, llama_cpp_check(out, model, tokenizer_dir, sample_path=check_data)
 
 
 def load_source(args):
@@ -203,9 +215,16 @@ def main(argv=None):
     p.add_argument("--format", choices=["transformers", "llama", "gguf"], default="transformers")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved weights (folders)")
     p.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default=None, help="GGUF weight type (default f32)")
+    p.add_argument("--check_data", default=None, metavar="JSONL",
+                   help="GGUF: also compare llama.cpp's tokenization on a sample of this text (the tokenizer's or "
+                   "the model's training data, {\"text\": ...} rows)")
     args = p.parse_args(argv)
     if args.outtype and args.format != "gguf":
         p.error("--outtype is for --format gguf (folders take --dtype)")
+    if args.check_data and args.format != "gguf":
+        p.error("--check_data is for --format gguf")
+    if args.check_data and not Path(args.check_data).is_file():
+        sys.exit(f"error: --check_data {args.check_data} not found")
 
     if not Path(args.model).exists():
         sys.exit(f"error: model {args.model} not found")
@@ -217,7 +236,7 @@ def main(argv=None):
         model = load_source(args)
         load_tokenizer_dir(args.tokenizer, model.config.vocab_size)  # before writing: a broken folder is named
         if args.format == "gguf":
-            diff, check = export_gguf(model, args.tokenizer, args.out, args.outtype or "f32")
+            diff, check = export_gguf(model, args.tokenizer, args.out, args.outtype or "f32", args.check_data)
         else:
             diff = export(model, args.tokenizer, args.out, args.format, args.dtype)
     except (CheckpointError, ValueError, OSError) as e:
@@ -232,8 +251,10 @@ def main(argv=None):
     else:
         print(f"llama.cpp: tokenization equal on {check['tokenization_equal']}/{check['texts']} texts, max |logit "
               f"difference| = {check['max_logit_diff']:.3g} over {check['positions']} positions")
-        if check["tokenization_equal"] < check["texts"]:
-            print("warning: llama.cpp tokenizes some texts differently from the tokenizer folder", file=sys.stderr)
+        if check["first_difference"] is not None:
+            sys.exit(f"error: llama.cpp tokenizes {check['texts'] - check['tokenization_equal']} of {check['texts']} "
+                     f"texts differently from {args.tokenizer}, first {check['first_difference'][:60]!r}; "
+                     f"{args.out} would not answer as the model does")
     return diff
 
 

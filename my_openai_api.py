@@ -1,5 +1,6 @@
 """An OpenAI-compatible chat server for MiniMind (FastAPI + uvicorn): concurrent requests are decoded together,
-one batched forward per step, each in its own cache slot with its own sampling state.
+one batched forward per step, each in its own cache slot with its own sampling state. Tool calls and thinking
+follow OpenAI's tools API and DeepSeek's reasoning_content, over the chat format of model/chat_format.py.
 
     python my_openai_api.py --model out/full_sft_512.pth          # then point any OpenAI client at
     curl http://127.0.0.1:8998/v1/chat/completions -H "Content-Type: application/json" \\
@@ -17,8 +18,9 @@ import textwrap
 import threading
 import time
 import uuid
+import warnings
 from contextlib import aclosing
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -27,15 +29,19 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from model import chat_format
 from model.checkpoint import weights_name
 from model.cli import add_model_args, load_or_exit
 from model.generate import Engine, SamplingParams, Scheduler, sampling_problem, single_torch_thread
 
 log = logging.getLogger("minimind.api")
-ROLES = ("system", "user", "assistant", "developer")  # "developer" is OpenAI's newer name for system
+ROLES = ("system", "user", "assistant", "tool", "developer")  # "developer" is OpenAI's newer name for system
 DEFAULTS = SamplingParams()  # a field a request leaves out (or sends as null) gets its default
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: hundreds of thousands of characters, far beyond any context
+DEFAULT_HEADER_TIMEOUT_S = 30  # a client has this long to send its request line and headers
+DEFAULT_BODY_TIMEOUT_S = 60  # ... and this long for the whole body (1 MiB at 20 KB/s)
 SURROGATE = re.compile("[\ud800-\udfff]")  # a lone UTF-16 half: valid in a JSON escape, not as text
 
 
@@ -46,9 +52,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
-    def response(self):
+    def response(self, headers=None):
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if self.status == 401 else {})}
         # ASCII JSON: a message quoting the client's text stays sendable even if that text holds lone surrogates
         return Response(json.dumps(body), status_code=self.status, headers=headers, media_type="application/json")
 
@@ -101,7 +107,10 @@ def parse_messages(messages):
             raise bad(f"messages[{i}].role", f"messages[{i}].role is required", "missing_required_parameter")
         if not isinstance(role, str) or role not in ROLES:
             raise bad(f"messages[{i}].role",
-                      f"messages[{i}].role {short(role)} is not one of 'system', 'user', 'assistant'")
+                      f"messages[{i}].role {short(role)} is not one of 'system', 'user', 'assistant', 'tool'")
+        extras = message_tool_fields(i, m, role)
+        if content is None and extras.get("tool_calls"):
+            content = ""  # OpenAI sends null content beside tool calls
         if isinstance(content, list):  # content parts: only text is understood
             texts = []
             for j, part in enumerate(content):
@@ -115,13 +124,60 @@ def parse_messages(messages):
         if (half := SURROGATE.search(content)) is not None:
             raise bad(f"messages[{i}].content", f"messages[{i}].content holds a lone UTF-16 surrogate "
                       f"\\u{ord(half.group()):04x} at character {half.start()}: not valid Unicode text")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
-    if not any(m["role"] in ("user", "assistant") for m in out):
+        out.append({"role": "system" if role == "developer" else role, "content": content, **extras})
+    if not any(m["role"] in ("user", "assistant", "tool") for m in out):
         raise bad("messages", "'messages' must include a user (or assistant) message")
     return out
 
 
-def parse_request(body, prompt=("messages", parse_messages)):
+def parse_logit_bias(value, vocab_size):
+    """OpenAI's logit_bias, {"token id": bias}, as (id, bias) pairs; each key and value checked."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad("logit_bias", f"'logit_bias' must be an object mapping token ids to numbers, got {type(value).__name__}")
+    pairs = []
+    for key, bias in value.items():
+        if not (key.isascii() and key.strip().lstrip("-").isdigit()) or not 0 <= int(key) < vocab_size:
+            raise bad("logit_bias", f"'logit_bias' key {short(key)} is not a token id of this model "
+                      f"(an integer from 0 to {vocab_size - 1}, as a string)", "invalid_value")
+        if not is_number(bias) or not -100 <= bias <= 100:
+            raise bad("logit_bias", f"'logit_bias' value {short(bias)} for token {key} must be a number from -100 "
+                      "to 100", "invalid_value")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
+
+
+# fields whose values ask for something this server does not do: each value here asks for nothing and passes;
+# any other is a 400 naming the field (a missing or null field always passes)
+NOTHING_ASKED = {
+    "response_format": (lambda v: isinstance(v, dict) and v.get("type") == "text", '{"type": "text"}'),  # no JSON mode
+    "functions": (lambda v: v == [], "[]"),  # OpenAI's deprecated tool fields (tools and tool_choice are served)
+    "function_call": (lambda v: v in ("none", "auto"), '"none" or "auto"'),
+    "audio": (None, ""), "prediction": (None, ""), "web_search_options": (None, ""),  # nor audio, predictions, search
+    "modalities": (lambda v: v == ["text"], '["text"]'),
+    "store": (lambda v: v is False, "false"),  # nothing is stored
+}
+TYPED = {  # optional fields that ask for nothing either way, checked for their type
+    "user": (str, "a string"), "metadata": (dict, "an object"), "parallel_tool_calls": (bool, "a boolean"),
+    "service_tier": (str, "a string"),
+}
+
+
+def refuse_unsupported(body):
+    for name, (asks_nothing, allowed) in NOTHING_ASKED.items():
+        value = body.get(name)
+        if value is not None and not (asks_nothing and asks_nothing(value)):
+            said = f"only {allowed} (or null)" if allowed else "null"
+            raise bad(name, f"'{name}' {short(value)} asks for what this server does not do; it accepts {said}",
+                      "unsupported_value")
+    for name, (kind, what) in TYPED.items():
+        value = body.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise bad(name, f"'{name}' must be {what}, got {type(value).__name__}")
+
+
+def parse_request(body, prompt=("messages", parse_messages), vocab_size=2 ** 31):
     """Validated (messages, SamplingParams, stream, include_usage) from a request body; unknown fields ignored.
     prompt: the field that holds the prompt and its parser (/v1/completions: "prompt", parse_prompts)."""
     if not isinstance(body, dict):
@@ -129,6 +185,7 @@ def parse_request(body, prompt=("messages", parse_messages)):
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise bad("model", f"'model' must be a string, got {type(body['model']).__name__}")
     messages = prompt[1](body.get(prompt[0]))
+    refuse_unsupported(body)
 
     def field(name, default, rule=None, kind=(is_number, "a number")):
         """The value of a request field; `rule`: the sampling rule it must meet (SAMPLING_RULES's name)."""
@@ -148,6 +205,9 @@ def parse_request(body, prompt=("messages", parse_messages)):
     temperature = field("temperature", DEFAULTS.temperature, "temperature")
     top_p = field("top_p", DEFAULTS.top_p, "top_p")
     repetition_penalty = field("repetition_penalty", DEFAULTS.repetition_penalty, "repetition_penalty")
+    frequency_penalty = field("frequency_penalty", DEFAULTS.frequency_penalty, "frequency_penalty")
+    presence_penalty = field("presence_penalty", DEFAULTS.presence_penalty, "presence_penalty")
+    logit_bias = parse_logit_bias(body.get("logit_bias"), vocab_size)
     top_k = integer("top_k", DEFAULTS.top_k, "top_k")
     if (n := integer("n", 1)) != 1:
         raise bad("n", f"'n' is {short(n)}; it must be 1 (one choice per request)", "invalid_value")
@@ -186,8 +246,9 @@ def parse_request(body, prompt=("messages", parse_messages)):
     if top_logprobs and not logprobs:
         raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true", "invalid_value")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                            max_new_tokens=max_tokens, stop=tuple(stop or ()), seed=seed, ignore_eos=ignore_eos,
-                            logprobs=top_logprobs if logprobs else None)
+                            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                            logit_bias=logit_bias, max_new_tokens=max_tokens, stop=tuple(stop or ()), seed=seed,
+                            ignore_eos=ignore_eos, logprobs=top_logprobs if logprobs else None)
     return messages, params, bool(stream), include_usage
 
 
@@ -224,7 +285,7 @@ def parse_prompts(prompt):
     return out
 
 
-def parse_completion_request(body):
+def parse_completion_request(body, vocab_size=2 ** 31):
     """Validated (prompts, SamplingParams, stream, include_usage, echo) of a /v1/completions body: the chat
     fields as parse_request has them, and the legacy endpoint's own: max_tokens (default 16; 0 scores the
     prompt without generating), echo, logprobs (an integer: the alternatives per token), suffix and best_of."""
@@ -235,7 +296,7 @@ def parse_completion_request(body):
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and not (is_int(max_tokens) and int(max_tokens) == 0):
         shared["max_tokens"] = max_tokens  # checked as chat checks it
-    prompts, params, stream, include_usage = parse_request(shared, prompt=("prompt", parse_prompts))
+    prompts, params, stream, include_usage = parse_request(shared, ("prompt", parse_prompts), vocab_size)
     max_tokens = 16 if max_tokens is None else params.max_new_tokens if "max_tokens" in shared else 0
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
@@ -257,6 +318,165 @@ def parse_completion_request(body):
     scored = logprobs if echo and logprobs is not None else 0 if max_tokens == 0 else None  # 0: prefill only
     params = replace(params, max_new_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=scored)
     return prompts, params, stream, include_usage, bool(echo)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tools and thinking: OpenAI's tools API and DeepSeek's reasoning_content over model/chat_format.py
+
+
+def message_tool_fields(i, m, role):
+    """The tool-call fields of message i: an assistant's tool_calls and reasoning_content, a tool's tool_call_id."""
+    out = {}
+    if role == "assistant":
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise bad(f"messages[{i}].tool_calls", f"messages[{i}].tool_calls must be an array")
+            out["tool_calls"] = []
+            for j, call in enumerate(calls):
+                where = f"messages[{i}].tool_calls[{j}]"
+                if not isinstance(call, dict) or call.get("type", "function") != "function" \
+                        or not isinstance(call.get("function"), dict):
+                    raise bad(where, f"{where} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}")
+                if not isinstance(call["function"].get("arguments"), str):
+                    raise bad(f"{where}.function.arguments", f"{where}.function.arguments must be a JSON string")
+                try:
+                    checked = chat_format.check_call(call, where)
+                except chat_format.FormatError as e:
+                    raise bad(where, str(e)) from None
+                # the arguments as the model wrote them: what a client sends back is rendered verbatim
+                out["tool_calls"].append({"name": checked["name"], "arguments": call["function"]["arguments"]})
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None:
+            if not isinstance(reasoning, str) or SURROGATE.search(reasoning):
+                raise bad(f"messages[{i}].reasoning_content", f"messages[{i}].reasoning_content must be text")
+            out["reasoning_content"] = reasoning
+    elif role == "tool" and not isinstance(m.get("tool_call_id"), str):
+        raise bad(f"messages[{i}].tool_call_id", f"messages[{i}].tool_call_id is required: the id of the call "
+                  "this message answers", "missing_required_parameter")
+    return out
+
+
+@dataclass
+class ChatOptions:
+    """What a request asks of the chat format: the tools offered, the forced start of a tool call, thinking."""
+    tools: list = None  # offered to the model; None when none are offered or tool_choice is "none"
+    prefix: str = ""  # tool_choice "required" or named: the answer starts as a tool call
+    enable_thinking: bool = None  # None: the model decides
+
+    def start(self):
+        """The part of the answer the prompt already holds, which the reply reader reads first."""
+        think = {False: chat_format.THINK_OFF, True: chat_format.THINK_OPEN}.get(self.enable_thinking, "")
+        return think + self.prefix
+
+
+def parse_tool_options(body):
+    """ChatOptions from tools, tool_choice, parallel_tool_calls and chat_template_kwargs (400 naming the field)."""
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad("tools", "'tools' must be an array of function definitions")
+    names = []
+    for i, tool in enumerate(tools or ()):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise bad(f"tools[{i}].type", f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}: "
+                      "this server calls functions only")
+        f = tool.get("function")
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not chat_format.TOOL_NAME.fullmatch(f["name"]):
+            raise bad(f"tools[{i}].function.name", f"tools[{i}].function.name must be 1-64 letters, digits, '_' "
+                      "or '-'")
+        if f["name"] in names:
+            raise bad(f"tools[{i}].function.name", f"tools[{i}]: the function name {f['name']!r} is given twice")
+        names.append(f["name"])
+        description, params = f.get("description"), f.get("parameters")
+        if description is not None and (not isinstance(description, str) or SURROGATE.search(description)):
+            raise bad(f"tools[{i}].function.description", f"tools[{i}].function.description must be text")
+        if params is not None and (not isinstance(params, dict)
+                                   or not isinstance(params.get("properties", {}), (dict, type(None)))):
+            raise bad(f"tools[{i}].function.parameters", f"tools[{i}].function.parameters must be a JSON Schema "
+                      "object whose 'properties' is an object")
+        if SURROGATE.search(" ".join(map(str, (params or {}).get("properties") or {}))):
+            raise bad(f"tools[{i}].function.parameters", f"tools[{i}].function.parameters names must be text")
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto"
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) and \
+        choice.get("type") == "function" and isinstance(choice.get("function"), dict) else None
+    if choice not in ("auto", "none", "required") and not isinstance(named, str):
+        raise bad("tool_choice", "'tool_choice' must be 'auto', 'none', 'required' or "
+                  "{'type': 'function', 'function': {'name': ...}}")
+    if (choice == "required" or named) and not names:
+        raise bad("tool_choice", "'tool_choice' asks for a tool call but no 'tools' are given")
+    if named and named not in names:
+        raise bad("tool_choice", f"'tool_choice' names {short(named)}, which is not among the tools")
+    if body.get("parallel_tool_calls") not in (None, True):
+        raise bad("parallel_tool_calls", "'parallel_tool_calls' false is not supported: the model may call several "
+                  "tools in one answer")
+    for legacy, nothing in (("functions", ([],)), ("function_call", ("none", "auto"))):
+        if body.get(legacy) is not None and body[legacy] not in nothing:
+            raise bad(legacy, f"'{legacy}' is OpenAI's deprecated form of tools; send 'tools' and 'tool_choice'")
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise bad("chat_template_kwargs", "'chat_template_kwargs' must be an object")
+    for key in kwargs or ():
+        if key != "enable_thinking":
+            raise bad(f"chat_template_kwargs.{key}", f"chat_template_kwargs.{short(key)} is not understood: the "
+                      "template takes only 'enable_thinking'")
+    thinking = (kwargs or {}).get("enable_thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise bad("chat_template_kwargs.enable_thinking", "chat_template_kwargs.enable_thinking must be a boolean")
+    forced = choice == "required" or bool(named)
+    if forced and thinking:
+        raise bad("tool_choice", "a forced tool call starts the answer, so it cannot also start with thinking "
+                  "(chat_template_kwargs.enable_thinking: true)")
+    offered = tools if names and choice != "none" else None
+    return ChatOptions(offered, chat_format.forced_call_prefix(named) if forced else "", thinking)
+
+
+def openai_tool_call(call, index=None):
+    out = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+           "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+    return out if index is None else {"index": index, **out}
+
+
+def assistant_message(events):
+    """The chat.completion message of a whole answer's events: content, reasoning_content, tool_calls."""
+    content = "".join(t for k, t in events if k == "content")
+    reasoning = "".join(t for k, t in events if k == "reasoning")
+    calls = [openai_tool_call(c) for k, c in events if k == "call"]
+    message = {"role": "assistant", "content": content or (None if calls else "")}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def stream_deltas(events, n_calls):
+    """Chunk deltas for reader events, tool calls as OpenAI streams them: the name first, then the arguments."""
+    deltas = []
+    for kind, value in events:
+        if kind == "call":
+            call = openai_tool_call(value, n_calls)
+            arguments = call["function"].pop("arguments")
+            call["function"]["arguments"] = ""
+            deltas += [{"tool_calls": [call]}, {"tool_calls": [{"index": n_calls, "function": {"arguments": arguments}}]}]
+            n_calls += 1
+        else:
+            deltas.append({"reasoning_content" if kind == "reasoning" else "content": value})
+    return deltas, n_calls
+
+
+def reply_deltas(reply, delta, final=False):
+    """Stream deltas of generated text: reasoning_content, content and tool-call deltas."""
+    first_index = reply.n_calls
+    return stream_deltas(reply.read(delta, final), first_index)[0]
+
+
+def model_features():
+    """What /v1/models says the server does with this model's chat format."""
+    return {"tools": True, "tool_choice": ["auto", "none", "required", "named"], "parallel_tool_calls": True,
+            "reasoning_content": True, "chat_template_kwargs": ["enable_thinking"], "logprobs": True,
+            "completions": True, "chat_format": "model/chat_format.py"}
 
 
 class EventRelay:
@@ -299,11 +519,24 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
             "properties": {"role": {"enum": list(ROLES)}, "content": {"anyOf": [
                 {"type": "string"},
                 {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
-                    "type": {"const": "text"}, "text": {"type": "string"}}}}]}}}},
+                    "type": {"const": "text"}, "text": {"type": "string"}}}}]}},
+            # a tool result names the call it answers
+            "if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id"], "properties": {
+                "tool_call_id": {"type": "string"}}}}},
         "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
         "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {"type": ["integer", "null"], "minimum": 0},
         "repetition_penalty": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 10},
+        "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+        "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+        "logit_bias": {"type": ["object", "null"]},  # (narrowed to the model's token ids by logit_bias_schema)
+        "response_format": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["type"],
+                                                          "properties": {"type": {"const": "text"}}}]},
+        "functions": {"type": ["array", "null"], "maxItems": 0}, "function_call": {"enum": ["none", "auto", None]},
+        "audio": {"type": "null"}, "prediction": {"type": "null"}, "web_search_options": {"type": "null"},
+        "modalities": {"anyOf": [{"type": "null"}, {"const": ["text"]}]}, "store": {"enum": [False, None]},
+        "user": {"type": ["string", "null"]}, "metadata": {"type": ["object", "null"]},
+        "parallel_tool_calls": {"type": ["boolean", "null"]}, "service_tier": {"type": ["string", "null"]},
         "max_tokens": TOKEN_LIMIT, "max_completion_tokens": TOKEN_LIMIT,
         "n": {"type": ["integer", "null"], "enum": [1, None]},
         "seed": {"type": ["integer", "null"]},
@@ -320,6 +553,12 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
     "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
 
 
+def logit_bias_schema(vocab_size):
+    """logit_bias keys as ids of a model with vocab_size tokens (as many digits as always fit), values -100..100."""
+    return {"type": ["object", "null"], "propertyNames": {"pattern": f"^[0-9]{{1,{len(str(vocab_size)) - 1}}}$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
+
+
 def completion_request_schema(vocab_size):
     """What parse_completion_request accepts, for a model with vocab_size token ids."""
     ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
@@ -327,7 +566,7 @@ def completion_request_schema(vocab_size):
     chat_only = ("messages", "max_completion_tokens", "logprobs", "top_logprobs")
     shared = {k: v for k, v in CHAT_REQUEST_SCHEMA["properties"].items() if k not in chat_only}
     return {"type": "object", "required": ["prompt"], "properties": {
-        **shared,
+        **shared, "logit_bias": logit_bias_schema(vocab_size),
         "prompt": {"anyOf": [text, ids, {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": text},
                              {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": ids}]},
         "max_tokens": {"type": ["integer", "null"], "anyOf": [{"minimum": -1}, {"type": "null"}]},
@@ -344,8 +583,13 @@ def error_responses(*statuses):
             for s in statuses}
 
 
-async def read_body(request, limit):
-    """The request body, or a 413 error as soon as it is known to exceed `limit` bytes."""
+def peer(request):
+    return "%s:%d" % tuple(request.client) if request.client else "a client"
+
+
+async def read_body(request, limit, timeout=None):
+    """The request body; a 413 error as soon as it is known to exceed `limit` bytes, a 408 when it has not all
+    arrived within `timeout` seconds. A client that leaves before sending all of it is one log line."""
     def too_large():
         return APIError(413, f"the request body is over the server's limit of {limit} bytes (--max-body-bytes)",
                         code="request_too_large")
@@ -353,12 +597,70 @@ async def read_body(request, limit):
     if length.isdigit() and int(length) > limit:
         raise too_large()
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large()
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large()
+                chunks.append(chunk)
+    except ClientDisconnect:
+        log.warning("%s went away after %d of %s body bytes; request abandoned", peer(request), size,
+                    length or "?")
+        raise Abandoned() from None
+    except TimeoutError:
+        log.warning("%s sent %d of %s body bytes in %g s; request abandoned with 408 (--body-timeout)",
+                    peer(request), size, length or "?", timeout)
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s (--body-timeout)",
+                       code="request_timeout") from None
     return b"".join(chunks)
+
+
+class Abandoned(Exception):
+    """The client left while its request was being read: nobody to answer (logged once, where it was seen)."""
+
+
+def with_header_timeout(seconds):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers are not complete `seconds` after
+    they were due (from the connection's start, or from the first byte of a later request on it). uvicorn has no
+    such timer: a connection that opens and sends nothing, or headers that never end, would stay open for ever.
+    (Idle keep-alive connections between requests are closed by uvicorn's --timeout-keep-alive.)"""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._watch_headers()
+
+        def data_received(self, data):
+            super().data_received(data)
+            self._watch_headers()
+
+        def _watch_headers(self):
+            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+            if waiting and self.header_timer is None and self.timeout_keep_alive_task is None:
+                self.header_timer = self.loop.call_later(seconds, self._headers_late)
+            elif not waiting and self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _headers_late(self):
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                who = "%s:%d" % tuple(self.client) if self.client else "a client"
+                log.warning("closed the connection from %s: no complete request headers within %g s "
+                            "(--header-timeout)", who, seconds)
+                self.transport.close()
+
+        def connection_lost(self, exc):
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
 
 
 async def generation(scheduler, req, queue, request):
@@ -436,10 +738,13 @@ class TokenText:
 class Reply:
     """The OpenAI objects of one answer: chat.completion, its chat.completion.chunk events, usage."""
 
-    def __init__(self, model_name, req, tokens=None):
+    def __init__(self, model_name, req, tokens=None, options=None, stats=None):
         self.model, self.req, self.tokens = model_name, req, tokens
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.logprobs_sent = 0
+        options = options or ChatOptions()
+        self.reader = chat_format.ReplyReader(options.tools, options.start())  # thinking, content, tool calls
+        self.stats, self.n_calls = stats if stats is not None else {}, 0
 
     def new_logprobs(self):
         """The logprobs object for the tokens generated since the last call (None when not asked for)."""
@@ -449,14 +754,27 @@ class Reply:
         self.logprobs_sent += len(entries)
         return {"content": self.tokens.chat(entries), "refusal": None}
 
+    def read(self, delta, final=False):
+        """Reader events for generated text; at the end the answer's tool calls are counted (/health)."""
+        events = self.reader.feed(delta) + (self.reader.close() if final else [])
+        self.n_calls += sum(kind == "call" for kind, _ in events)
+        if final:
+            for key, n in (("tool_calls", self.n_calls), ("garbled_tool_calls", self.reader.garbled)):
+                self.stats[key] = self.stats.get(key, 0) + n
+        return events
+
+    def finish_reason(self, finish):
+        return "tool_calls" if self.n_calls and finish == "stop" else finish
+
     def usage(self):
         prompt, generated = len(self.req.prompt_ids), self.req.n_generated
         return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
     def completion(self, text, finish):
+        message = assistant_message(self.read(text, final=True))
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish, "logprobs": self.new_logprobs()}],
+                "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason(finish),
+                             "logprobs": self.new_logprobs()}],
                 "usage": self.usage()}
 
     def chunk(self, delta, finish=None, with_usage=False):
@@ -493,10 +811,13 @@ async def sse(reply, events, include_usage):
                 yield f"data: {json.dumps({'error': err})}\n\n"
                 return
             if delta:
-                yield reply.chunk({"content": delta})
+                for chunk in reply_deltas(reply, delta):
+                    yield reply.chunk(chunk)
     if finish is None:
         return  # the client has gone away
-    yield reply.chunk({}, finish)
+    for chunk in reply_deltas(reply, "", final=True):
+        yield reply.chunk(chunk)
+    yield reply.chunk({}, reply.finish_reason(finish))
     if include_usage:
         yield reply.chunk(None, with_usage=True)
     yield "data: [DONE]\n\n"
@@ -612,8 +933,9 @@ async def text_sse(reply, events, include_usage):
 
 
 def create_app(scheduler, model_name, api_key=None, strict_context=False, strict_model_name=False,
-               max_body_bytes=DEFAULT_MAX_BODY_BYTES):
+               max_body_bytes=DEFAULT_MAX_BODY_BYTES, body_timeout=DEFAULT_BODY_TIMEOUT_S):
     relays = {}  # one per event loop (tests start several)
+    tool_stats = {"tool_calls": 0, "garbled_tool_calls": 0}  # answers' tool calls, and those returned as text
 
     async def check_key(request: Request):
         if not api_key:
@@ -634,34 +956,41 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
     started = int(time.time())
 
     @app.exception_handler(APIError)
-    async def api_error(request, exc):
-        return exc.response()
+    async def api_error(request, exc):  # (after a 408 the rest of the body may still come: the connection ends)
+        return exc.response({"Connection": "close"} if exc.status == 408 else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # unknown paths and methods, in the same error schema
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        headers = dict(exc.headers or {})
+        if "Allow" in headers:  # the methods of the path, in a stable order
+            headers["Allow"] = ", ".join(sorted(m.strip() for m in headers["Allow"].split(",")))
+        return APIError(exc.status_code, str(exc.detail), code=code).response(headers)
+
+    @app.exception_handler(Abandoned)
+    async def abandoned(request, exc):  # (already logged) nobody reads this answer
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def server_error(request, exc):  # logged by uvicorn; the client still gets the error schema
         return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
 
     if api_key:
-        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(check_key)])
+        @app.api_route("/openapi.json", methods=GET, include_in_schema=False, dependencies=[Depends(check_key)])
         async def openapi():
             return app.openapi()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=GET)
     async def health():
-        return {"status": "ok", "model": model_name, **scheduler.stats()}
+        return {"status": "ok", "model": model_name, **scheduler.stats(), **tool_stats}
 
-    @v1.get("/models", responses=error_responses(401))
+    @v1.api_route("/models", methods=GET, responses=error_responses(401))
     async def models():
         return {"object": "list",
                 "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "minimind",
                           "context_length": engine.max_len,
                           # one model per server: a request naming any other model gets this one
-                          "answers_any_model_name": not strict_model_name}]}
+                          "answers_any_model_name": not strict_model_name, "features": model_features()}]}
 
     def check_model_name(body):
         if strict_model_name and body.get("model") not in (None, model_name):
@@ -671,9 +1000,11 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
     def prepare(raw):
         """The CPU work of a request, run off the event loop: JSON, validation, the chat template, tokenization."""
         body = parse_json(raw)
-        messages, params, stream, include_usage = parse_request(body)
+        messages, params, stream, include_usage = parse_request(body, vocab_size=engine.vocab_size)
+        options = parse_tool_options(body)
         check_model_name(body)
-        prompt_ids = engine.encode(messages)
+        prompt_ids = engine.encode(messages, tools=options.tools, enable_thinking=options.enable_thinking,
+                                   prefix=options.prefix)
         if not prompt_ids:
             raise bad("messages", "the messages make an empty prompt")
         if strict_context:
@@ -681,10 +1012,11 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
             if len(prompt_ids) > limit:
                 raise bad("messages", f"the prompt is {len(prompt_ids)} tokens; with max_tokens it must fit the "
                           f"context of {engine.max_len} tokens", "context_length_exceeded")
-        return prompt_ids, params, stream, include_usage
+        return prompt_ids, params, stream, include_usage, options
 
-    chat_openapi = {"requestBody": {"required": True,
-                                    "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}}}
+    schema = {**CHAT_REQUEST_SCHEMA, "properties": {**CHAT_REQUEST_SCHEMA["properties"],
+                                                    "logit_bias": logit_bias_schema(engine.vocab_size)}}
+    chat_openapi = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
     chat_responses = {200: {"description": "a chat.completion object, or with stream: true server-sent "
                             "chat.completion.chunk events ending with data: [DONE]",
                             "content": {"application/json": {"schema": {"type": "object"}},
@@ -695,8 +1027,8 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
 
     @v1.post("/chat/completions", openapi_extra=chat_openapi, responses=chat_responses)
     async def chat_completions(request: Request):
-        raw = await read_body(request, max_body_bytes)
-        prompt_ids, params, stream, include_usage = await asyncio.to_thread(prepare, raw)
+        raw = await read_body(request, max_body_bytes, body_timeout)
+        prompt_ids, params, stream, include_usage, options = await asyncio.to_thread(prepare, raw)
         loop = asyncio.get_running_loop()
         relay = relays.get(loop) or relays.setdefault(loop, EventRelay(loop))
         queue = asyncio.Queue()
@@ -704,7 +1036,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
         if req.truncated:
             log.warning("prompt of %d tokens cut from the left by %d to fit the context of %d",
                         len(prompt_ids), req.truncated, engine.max_len)
-        reply = Reply(model_name, req, tokens)
+        reply = Reply(model_name, req, tokens, options, tool_stats)
         events = generation(scheduler, req, queue, request)
         headers = {"X-Prompt-Tokens-Truncated": str(req.truncated)}
         if stream:
@@ -717,7 +1049,7 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
         --strict-context against the context; else a prompt that fills it is cut from the left, as in chat, and
         an echo shows the tokens kept)."""
         body = parse_json(raw)
-        prompts, params, stream, include_usage, echo = parse_completion_request(body)
+        prompts, params, stream, include_usage, echo = parse_completion_request(body, engine.vocab_size)
         check_model_name(body)
         room = params.max_new_tokens if params.max_new_tokens != -1 else 1
         ids = []
@@ -757,7 +1089,25 @@ def create_app(scheduler, model_name, api_key=None, strict_context=False, strict
         return await whole_texts(reply, events, headers)
 
     app.include_router(v1)
+    list_get_without_head(app)
     return app
+
+
+GET = ["GET", "HEAD"]  # every path that answers GET answers HEAD too (the same headers, no body)
+
+
+def list_get_without_head(app):
+    """The schema lists the GET operations alone: HEAD is the same operation without its body."""
+    build = app.openapi
+
+    def openapi():
+        with warnings.catch_warnings():  # GET and HEAD of a path are one operation: its id is not a duplicate
+            warnings.filterwarnings("ignore", message="Duplicate Operation ID")
+            schema = build()
+        for operations in schema.get("paths", {}).values():
+            operations.pop("head", None)
+        return schema
+    app.openapi = openapi
 
 
 def main():
@@ -772,7 +1122,11 @@ def main():
             f"{DEFAULTS.top_p}; max_tokens absent or -1 means up to the context limit, and an answer that reaches "
             "the limit ends with finish_reason 'length'. Ranges: temperature 0-2 (0 greedy; any tiny value is "
             "near-greedy, never an error), top_p (0, 1], top_k >= 0, repetition_penalty (0, 10], seed any integer "
-            "(taken modulo 2**64); others are a 400 error naming the field. Extensions to the OpenAI fields: top_k, "
+            "(taken modulo 2**64), frequency_penalty and presence_penalty -2..2 (OpenAI's: they count the tokens of "
+            "the answer so far), logit_bias {token id: -100..100}; others are a 400 error naming the field, and so "
+            "is a field that asks for what the server does not do (response_format other than text, n > 1, tools, "
+            "audio, ...). Messages: every system (or developer) message's text goes first, in order; a conversation "
+            "ending with an assistant message gets a new assistant turn after it. Extensions to the OpenAI fields: top_k, "
             "repetition_penalty, ignore_eos. POST /v1/completions is OpenAI's legacy endpoint (prompt as text, texts, "
             "token ids or lists of them; echo; logprobs 0-20; max_tokens default 16, 0 scores the prompt): what "
             "lm-evaluation-harness's local-completions model uses. Log-probabilities (there and with chat's logprobs "
@@ -793,10 +1147,18 @@ def main():
                         help="answer only requests naming --served-model-name (or none); others get 404")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="larger request bodies get 413 before they are read (default: %(default)s, 1 MiB)")
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        help="seconds a client has to send its request headers; then the connection is closed "
+                        "(default: %(default)s)")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help="seconds a client has to send the whole request body; then it gets 408 "
+                        "(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.max_body_bytes < 1:
         parser.error("--max-body-bytes must be at least 1")
+    if not (args.header_timeout > 0 and args.body_timeout > 0):
+        parser.error("--header-timeout and --body-timeout must be greater than 0")
     if args.model == "out/full_sft_512.pth" and (args.dim or args.use_moe):  # the training stage's name for it
         args.model = f"out/{weights_name('full_sft', args)}"
     threads = single_torch_thread()  # only the scheduler's thread runs parallel kernels
@@ -807,10 +1169,11 @@ def main():
     scheduler = Scheduler(Engine(model, tokenizer, max_batch=args.max_batch), threads=threads)
     name = args.served_model_name or Path(args.model.rstrip("/")).stem
     app = create_app(scheduler, name, api_key=args.api_key, strict_context=args.strict_context,
-                     strict_model_name=args.strict_model_name, max_body_bytes=args.max_body_bytes)
+                     strict_model_name=args.strict_model_name, max_body_bytes=args.max_body_bytes,
+                     body_timeout=args.body_timeout)
     log.info("serving %s (%.2fM parameters, context %d) on http://%s:%d/v1", name,
              sum(p.numel() for p in model.parameters()) / 1e6, model.config.max_seq_len, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=with_header_timeout(args.header_timeout))
 
 
 if __name__ == "__main__":

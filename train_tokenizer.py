@@ -7,17 +7,10 @@ import sys
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from model import chat_format
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2; <unk> doubles as padding
-# The seed's chat format: optional raw system text, then "<s>user\n...</s>\n<s>assistant\n" per user turn
-# and "...</s>\n" per assistant turn. A user turn already opens the assistant's reply, so
-# add_generation_prompt has nothing left to add.
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '<s>user\\n' + message['content'] + '</s>\\n<s>assistant\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + '</s>\\n' }}"
-    "{% endif %}{% endfor %}"
-)
+CHAT_TEMPLATE = chat_format.CHAT_TEMPLATE  # the chat format's own Jinja form (model/chat_format.py)
 ROUND_TRIP_SAMPLES = {
     "chinese": "长江是中国第一长河，全长约6300公里。珠穆朗玛峰海拔8848.86米！",
     "english": "The quick brown fox jumps over the lazy dog. Isn't it?",

@@ -121,6 +121,10 @@ def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=
                    "stops if the states there cannot be read or only the weights exist (see --fresh)")
     p.add_argument("--fresh", action="store_true", help="start from the beginning even with --resume, replacing "
                    "the weights and states of an earlier run in --out_dir (the default without --resume)")
+    p.add_argument("--allow_changes", default=None, metavar="NAMES",
+                   help="with --resume: the run settings you mean to change from the saved run's, comma-separated "
+                   "(data, batch_size, accumulation_steps, seed, learning_rate, warmup_iters, epochs, grad_clip, "
+                   "max_seq_len; or all); any other change stops --resume with a line naming it")
     p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config file, or a ZeRO stage number")
     p.add_argument("--seed", type=int, default=1337)
     return p

@@ -2,6 +2,7 @@
 
 import codecs
 import csv
+import gzip
 import json
 import os
 import re
@@ -9,11 +10,11 @@ from collections import Counter
 
 from tqdm import tqdm
 
+from .chat_format import FormatError, check_conversation
 from .files import atomic_open, temp_path
 
 BOM = b"\xef\xbb\xbf"
 DEFAULT_MAX_LINE_BYTES = 4 << 20  # 4 MiB: far above any sane record, far below a memory problem
-ROLES = ("system", "user", "assistant")
 
 
 class DataError(Exception):
@@ -52,10 +53,68 @@ def missing_file_error(path, kind):
 # ---------------------------------------------------------------------------------------------
 # Reading: (line, record, problem) triples, one record in memory at a time.
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def sniff_encoding(raw):
+    """The encoding of bytes that are text but not UTF-8: "UTF-16" (a byte-order mark, or ASCII with every other
+    byte zero) or "GBK" (Chinese Windows text, read as its superset GB18030); None when neither fits."""
+    zeros = raw.count(0)  # text in UTF-8 has none; UTF-16 has one in every ASCII character, all at odd or even places
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (zeros > len(raw) // 16 and
+                                                  max(raw[0::2].count(0), raw[1::2].count(0)) > 0.9 * zeros):
+        return "UTF-16"
+    *whole, last = raw.split(b"\n")
+    bad = [not is_utf8(line) for line in whole if not line.isascii()]
+    if not last.isascii():  # a sample may end inside a character
+        bad.append(not is_utf8(last, final=False))
+    if sum(bad) * 2 <= len(bad):
+        return None  # UTF-8 text, perhaps with a few bad lines: those are named one by one
+    for end in (len(raw), len(raw) - 1):  # a sample may end inside a two-byte character
+        try:
+            text = raw[:end].decode("gb18030")
+        except UnicodeDecodeError:
+            continue
+        return "GBK" if re.search("[\u4e00-\u9fff]", text) else None
+    return None
+
+
+def is_utf8(raw, final=True):
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(raw, final=final)
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def encoding_advice(path, encoding):
+    stem, dot, ext = os.path.basename(path).partition(".")
+    return (f"{path}: the file is {encoding} text, not UTF-8; convert it first, e.g. "
+            f"iconv -f {encoding} -t UTF-8 {path} > {stem}.utf8{dot}{ext}")
+
+
+def is_gzip(path):
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def open_input(path):
+    """A raw input file for reading bytes: gzip-compressed files (large corpora ship as .jsonl.gz) are read
+    through gzip whatever their name. A file in UTF-16 or GBK is a DataError naming the encoding."""
+    f = gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+    try:
+        encoding = sniff_encoding(f.peek(1 << 16)[:1 << 16])
+    except (OSError, EOFError) as e:  # a damaged or truncated gzip file
+        f.close()
+        raise DataError(f"{path}: cannot read it as gzip ({e})") from None
+    if encoding:
+        f.close()
+        raise DataError(encoding_advice(path, encoding))
+    return f
+
 
 def iter_jsonl(path, stats, max_line_bytes=DEFAULT_MAX_LINE_BYTES, progress=None):
     """Yield (line_no, obj, problem) for each non-blank line; blank lines are only counted."""
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         line_no = 0
         while True:
             raw = f.readline(max_line_bytes + 1)
@@ -171,7 +230,7 @@ def iter_json_array(path, stats, max_line_bytes=DEFAULT_MAX_LINE_BYTES, progress
     reading resumes at the next line opening an element at the first element's indentation.
     In a one-line array it is always fatal (raised as BadRecord).
     """
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         r = _ArrayReader(f, progress)
         r.more()
         if r.buf.startswith("\ufeff"):
@@ -221,9 +280,9 @@ def iter_json_array(path, stats, max_line_bytes=DEFAULT_MAX_LINE_BYTES, progress
 
 def looks_like_json_array(path):
     """True when the file's first non-blank character is '[' (a .json dump rather than JSONL)."""
-    if str(path).endswith(".jsonl"):
+    if str(path).removesuffix(".gz").endswith(".jsonl"):
         return False
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         head = f.read(1 << 16)
     return head.removeprefix(BOM).lstrip()[:1] == b"["
 
@@ -253,27 +312,13 @@ def field(obj, name, kind, required=True):
 
 
 def check_messages(msgs, name, last="assistant"):
-    """Validate a chat: optional system first, then user/assistant alternating, ending with `last` (a prompt for
-    the model to answer ends with the user)."""
-    if not isinstance(msgs, list) or not msgs:
-        raise BadRecord(f"field '{name}' must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise BadRecord(f"{name}[{i}] must be an object with 'role' and 'content'")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise BadRecord(f"{name}[{i}].role must be one of {'/'.join(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise BadRecord(f"{name}[{i}].content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
-    turns = out[1:] if out[0]["role"] == "system" else out
-    for i, m in enumerate(turns):
-        if m["role"] != ("user", "assistant")[i % 2]:
-            raise BadRecord(f"{name}: expected user/assistant turns alternating after an optional system message")
-    if not turns or turns[-1]["role"] != last:
-        raise BadRecord(f"{name}: the last message must be the {last}'s")
-    return out
+    """A chat as the format allows it (model/chat_format.py): system text anywhere, user and assistant turns
+    alternating, tool results after a tool call, ending with `last` (a prompt for the model to answer ends with the
+    user)."""
+    try:
+        return check_conversation(msgs, name, final=last)
+    except FormatError as e:
+        raise BadRecord(str(e)) from None
 
 
 def pretrain_record(obj, max_chars=512):
@@ -297,8 +342,12 @@ def sft_turns(obj):
     """(system, history [(q, a)], q, a) from a deepctrl row or a {"conversations": [...]} row."""
     if "conversations" in obj:
         msgs = check_messages(obj["conversations"], "conversations")
-        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-        turns = msgs[1:] if system is not None else msgs
+        if any(m["role"] == "tool" or len(m) > 2 for m in msgs):
+            raise BadRecord("tool calls and thinking are kept only in the JSONL chat form; this converter writes "
+                            "plain question-answer chats")
+        systems = [m["content"] for m in msgs if m["role"] == "system"]
+        system = "\n".join(systems) if systems else None
+        turns = [m for m in msgs if m["role"] != "system"]
         pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns), 2)]
         return system, pairs[:-1], pairs[-1][0], pairs[-1][1]
     if "instruction" not in obj and "output" not in obj:
@@ -415,7 +464,8 @@ def convert(in_path, out_path, make_record, *, skip_bad=False, max_line_bytes=DE
     check_paths(in_path, out_path, temp_path(out_path), *([bad_path] if skip_bad else []))
     stats = Counter()
     # progress=None: a bar only on a terminal; False: never
-    bar = tqdm(total=os.path.getsize(in_path), unit="B", unit_scale=True, desc=os.path.basename(in_path),
+    bar = tqdm(total=None if is_gzip(in_path) else os.path.getsize(in_path), unit="B", unit_scale=True,
+               desc=os.path.basename(in_path),
                disable=True if progress is False else None, mininterval=1.0)
     bad_lines = []
     try:

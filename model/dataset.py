@@ -12,33 +12,11 @@ import torch
 from torch.utils.data import Dataset
 
 from .files import WriteError, atomic_open, atomic_write
+from .chat_format import Encoder, FormatError, check_tools
 from .convert import BOM, DataError, check_messages, BadRecord, missing_file_error
 
 IGNORE_INDEX = -100  # label value that carries no loss (prompt positions, padding)
 PAD_ID = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# The chat format (the seed's): optional raw system text, then per user turn
-# "<s>user\n{content}</s>\n<s>assistant\n", per assistant turn "{content}</s>\n".
-
-
-def chat_pieces(messages):
-    """(text, is_target) pieces of a rendered chat; the single definition of the format."""
-    pieces = []
-    for m in messages:
-        if m["role"] == "system":
-            pieces.append((m["content"], False))
-        elif m["role"] == "user":
-            pieces.append(("<s>user\n" + m["content"] + "</s>\n<s>assistant\n", False))
-        else:
-            pieces += [(m["content"] + "</s>", True), ("\n", False)]
-    return pieces
-
-
-def render_chat(messages):
-    """The chat as text; ending on a user turn it ends with the assistant prompt."""
-    return "".join(text for text, _ in chat_pieces(messages))
 
 
 def format_mcq(question, options):
@@ -55,40 +33,12 @@ def special_ids(tokenizer):
     return vocab["<s>"], vocab["</s>"]
 
 
-class ChatEncoder:
-    """Token ids and loss labels of a chat, built piece by piece so target positions are exact."""
+class ChatEncoder(Encoder):
+    """Token ids and loss labels of a chat (the format and its targets: model/chat_format.py)."""
 
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.bos, self.eos = special_ids(tokenizer)
-        self.user_head = self.encode("user\n")
-        self.asst_head = self.encode("assistant\n")
-        self.newline = self.encode("\n")
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False) if text else []
-
-    def __call__(self, messages, max_length, last_only=False):
+    def __call__(self, messages, max_length, last_only=False, **options):
         """(ids, labels) cut at max_length; last_only: earlier answers count as prompt (DPO)."""
-        ids, labels = [], []
-        for n, m in enumerate(messages):
-            if m["role"] == "system":
-                part, target = self.encode(m["content"]), False
-            elif m["role"] == "user":
-                part = ([self.bos] + self.user_head + self.encode(m["content"]) + [self.eos]
-                        + self.newline + [self.bos] + self.asst_head)
-                target = False
-            else:
-                part = self.encode(m["content"]) + [self.eos]
-                target = not last_only or n == len(messages) - 1
-            ids += part
-            labels += part if target else [IGNORE_INDEX] * len(part)
-            if m["role"] == "assistant":
-                ids += self.newline
-                labels += [IGNORE_INDEX] * len(self.newline)
-            if len(ids) >= max_length:
-                break
-        return ids[:max_length], labels[:max_length]
+        return super().__call__(messages, max_length, last_only=last_only, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +381,8 @@ class _ChatDataset(_JsonlDataset):
 
 
 class SFTDataset(_ChatDataset):
-    """Chats from JSONL {"conversations": [...]} or CSV (history, q, a); loss on assistant tokens only."""
+    """Chats from JSONL {"conversations": [...], optional "tools": [...], "enable_thinking": bool} or CSV (history, q,
+    a); loss on assistant tokens only (tool calls and thoughts included)."""
 
     kind = "sft"
 
@@ -456,8 +407,22 @@ class SFTDataset(_ChatDataset):
                 raise self.error(i, f"unreadable CSV record ({e.__class__.__name__}: {e})") from None
         return self.chat(i, self.record(i).get("conversations"), "conversations")
 
+    def options(self, i):
+        """A JSONL row's chat options: the tools it offers and its thinking switch (model/chat_format.py)."""
+        if self.index.is_csv:
+            return {}
+        row = self.record(i)
+        try:
+            tools = check_tools(row.get("tools"), "tools")
+        except FormatError as e:
+            raise self.error(i, str(e)) from None
+        thinking = row.get("enable_thinking")
+        if thinking is not None and not isinstance(thinking, bool):
+            raise self.error(i, "field 'enable_thinking' must be true, false or null")
+        return {"tools": tools, "enable_thinking": thinking}
+
     def __getitem__(self, i):
-        ids, labels = self.encoder(self.messages(i), self.max_length)
+        ids, labels = self.encoder(self.messages(i), self.max_length, **self.options(i))
         return _tensors(input_ids=ids, labels=labels)
 
 

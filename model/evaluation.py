@@ -1,6 +1,7 @@
 """What the inference scripts share besides their flags (model/cli.py): prompt files, chat prompts within a token
 budget, C-Eval / CMMLU scoring (letter and cloze, as lm-evaluation-harness computes them) and bits per byte."""
 import csv
+import io
 import json
 import math
 import sys
@@ -10,7 +11,9 @@ from shlex import quote
 
 import torch
 
+from .convert import BOM, encoding_advice, is_utf8, sniff_encoding
 from .files import atomic_write, first_line
+from .chat_format import encoder_for, render
 from .dataset import format_mcq  # the MCQ layout the SFT data teaches; scoring must ask the same way
 
 # ---------------------------------------------------------------------------------------------------------
@@ -44,16 +47,17 @@ def read_prompts(path):
     return prompts
 
 
-def chat_input_ids(tokenizer, messages, budget):
-    """Token ids of the chat prompt (ending in the assistant header); oldest turns dropped to fit `budget` tokens."""
-    messages = list(messages)
-    first = 1 if messages and messages[0]["role"] == "system" else 0  # the system text always stays
+def chat_input_ids(tokenizer, messages, budget, tools=None, enable_thinking=None):
+    """Token ids of the chat prompt (ending in the assistant header); oldest exchanges (a question and all that
+    answered it, tool results included) dropped to fit `budget` tokens. System texts always stay."""
+    systems = [m for m in messages if m["role"] == "system"]
+    rest = [m for m in messages if m["role"] != "system"]
     while True:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) <= budget or len(messages) - first <= 1:
+        ids = encoder_for(tokenizer).prompt(systems + rest, tools, enable_thinking)
+        questions = [i for i, m in enumerate(rest) if m["role"] == "user"]
+        if len(ids) <= budget or len(questions) <= 1:
             return ids[-budget:]  # a single question still too long keeps its end (and the assistant header)
-        messages = messages[:first] + messages[first + 2:]  # drop the oldest question and its answer
+        rest = rest[questions[1]:]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,8 +92,14 @@ LAYOUTS = {"C-Eval": {"id": "id", "question": "question", "answer": "answer"},  
 
 def csv_layout(header, path):
     """(benchmark name, {field: column index}) of a header: C-Eval's (its test split has no answer column) or
-    CMMLU's (an unnamed index column, capitalised Question and Answer)."""
+    CMMLU's (an unnamed index column, capitalised Question and Answer). A column spelled the other layout's way
+    would be read as missing (every answer blank), so it is an error."""
     name = "CMMLU" if "Question" in header and "question" not in header else "C-Eval"
+    other = LAYOUTS["CMMLU" if name == "C-Eval" else "C-Eval"]
+    mixed = [h for h in header if h and h in (other["question"], other["answer"])]
+    if mixed:
+        raise ValueError(f"{path}:1: header has {', '.join(repr(h) for h in mixed)} in a {name} header "
+                         f"(C-Eval's is id,question,A,B,C,D,answer; CMMLU's ,Question,A,B,C,D,Answer): fix its spelling")
     fields = {**LAYOUTS[name], **{letter: letter for letter in LETTERS}}
     missing = [fields[f] for f in ("question", *LETTERS) if fields[f] not in header]
     if missing:
@@ -98,9 +108,24 @@ def csv_layout(header, path):
     return name, {f: header.index(column) for f, column in fields.items() if column in header}
 
 
+def read_csv_text(path):
+    """A CSV file's text; ValueError naming an empty file, or an encoding that is not UTF-8 (with what to do)."""
+    raw = Path(path).read_bytes()
+    if not raw.removeprefix(BOM).strip():
+        raise ValueError(f"{path}: empty file")
+    encoding = sniff_encoding(raw)
+    if encoding:
+        raise ValueError(encoding_advice(path, encoding))
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        bad = next(n for n, line in enumerate(raw.splitlines(), 1) if not is_utf8(line))
+        raise ValueError(f"{path}:{bad}: invalid UTF-8 (save the file as UTF-8)") from None
+
+
 def read_ceval_csv(path, subject):
     """Questions of one C-Eval or CMMLU CSV (layout from the header); cells stripped, bad rows named by line."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(read_csv_text(path), newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         benchmark, col = csv_layout(header, path)
@@ -109,8 +134,9 @@ def read_ceval_csv(path, subject):
             lineno, start = start, reader.line_num + 1
             if not any(cell.strip() for cell in row):
                 continue  # a blank line
-            if len(row) > len(header):
-                raise ValueError(f"{path}:{lineno}: {len(row)} fields but the header has {len(header)}")
+            if len(row) != len(header):
+                raise ValueError(f"{path}:{lineno}: {len(row)} fields but the header has {len(header)}"
+                                 f"{' (a short row: a missing field or a comma too few)' if len(row) < len(header) else ''}")
             cell = lambda name: row[col[name]].strip() if name in col and col[name] < len(row) else ""  # noqa: E731
             answer = cell("answer").upper()
             if answer and answer not in LETTERS:
@@ -120,8 +146,9 @@ def read_ceval_csv(path, subject):
     return questions
 
 
-def read_ceval_dir(data_dir, limit=None):
-    """{subject: [Question]} from every *.csv in data_dir (sorted by file name); at most `limit` per subject."""
+def read_ceval_dir(data_dir, limit=None, problems=None):
+    """{subject: [Question]} from every *.csv in data_dir (sorted by file name); at most `limit` per subject.
+    A bad file raises ValueError, or with a `problems` list, is skipped and its one-line reason appended."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ValueError(f"C-Eval folder {data_dir} not found")
@@ -134,25 +161,15 @@ def read_ceval_dir(data_dir, limit=None):
         name = subject_name(path, subjects)
         try:
             subjects[name] = read_ceval_csv(path, name)[:limit]
-        except UnicodeDecodeError:
-            with open(path, "rb") as f:
-                bad = next((n for n, raw in enumerate(f, 1) if not is_utf8(raw)), "?")
-            raise ValueError(f"{path}:{bad}: invalid UTF-8 (save the file as UTF-8)") from None
+        except (ValueError, OSError, csv.Error) as e:
+            if problems is None:
+                raise ValueError(first_line(e)) from None
+            problems.append(first_line(e))
     return subjects
 
 
-def is_utf8(raw):
-    try:
-        raw.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
 def mcq_prompt_ids(tokenizer, q: Question):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": format_mcq(q.question, list(q.options))}],
-                                         tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return encoder_for(tokenizer).prompt([{"role": "user", "content": format_mcq(q.question, list(q.options))}])
 
 
 def letter_token_ids(tokenizer, prompt_ids):
@@ -222,9 +239,9 @@ METHODS = ("letter", "cloze")
 
 
 def cloze_context(tokenizer, q: Question):
-    """The text each option follows: the chat prompt of the bare question, ending in the assistant header."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": q.question}], tokenize=False,
-                                         add_generation_prompt=True)
+    """The text each option follows: the chat prompt of the bare question, ending in the assistant header (as text:
+    lm-evaluation-harness encodes the context and each option as text)."""
+    return render([{"role": "user", "content": q.question}], add_generation_prompt=True)
 
 
 def harness_pair(tokenizer, context, continuation):

@@ -3,6 +3,7 @@
 A write goes to a hidden temporary name beside its target (`.NAME.PID.tmp`, same folder so the rename cannot
 cross file systems), is flushed to disk, then renamed over the target; until that rename the old target is
 untouched. The temporary name is the writer's own (its process id), so two writers never share one."""
+import errno
 import os
 import re
 import shutil
@@ -11,7 +12,14 @@ from pathlib import Path
 
 
 class WriteError(OSError):
-    """A file or folder that could not be written, named in one line."""
+    """A file or folder that could not be written, named in one line (errno and filename as the OS gave them)."""
+
+    def __init__(self, message, code=None, filename=None):
+        super().__init__(message)
+        self.errno, self.filename = code, filename
+
+    def __str__(self):
+        return self.args[0]
 
 
 def first_line(e, limit=300):
@@ -27,11 +35,31 @@ def temp_path(path, pid=None) -> Path:
     return path.parent / f".{path.name}.{pid or os.getpid()}.tmp"
 
 
+def space_left(folder, needed=0):
+    """'No space left on device (N MB needed, M free)' for the file system of `folder`."""
+    free = shutil.disk_usage(folder).free
+    need = f"{needed / 1e6:.1f} MB needed, " if needed else ""
+    return f"No space left on device ({need}{free / 1e6:.1f} MB free)"
+
+
+def disk_is_full(folder, slack=1 << 20):
+    try:
+        return shutil.disk_usage(folder).free < slack
+    except OSError:
+        return False
+
+
 def why_not_written(path, e):
     """The WriteError for a failed write of `path`: the OS's reason, also when torch.save reports it as
-    "[enforce fail at ...] ... strerror: REASON"."""
+    "[enforce fail at ...] ... strerror: REASON", or with no reason at all ("unexpected pos 2191168 vs 2191056":
+    what a full disk looks like to it). A full disk sets errno ENOSPC, whoever reported it."""
+    path = Path(path)
+    code = getattr(e, "errno", None)
     reason = re.search(r"strerror: ([^.;]+)", str(e)) if isinstance(e, RuntimeError) else None
-    return WriteError(f"cannot write {path}: {reason.group(1) if reason else getattr(e, 'strerror', None) or first_line(e)}")
+    if code == errno.ENOSPC or (isinstance(e, RuntimeError) and disk_is_full(path.parent)):
+        return WriteError(f"cannot write {path}: {space_left(path.parent)}", errno.ENOSPC, str(path))
+    why = reason.group(1) if reason else getattr(e, 'strerror', None) or first_line(e)
+    return WriteError(f"cannot write {path}: {why}", code, str(path))
 
 
 def fsync_path(path):
@@ -61,14 +89,17 @@ def atomic_write(path, write_fn):
     over `path`. A failure is a WriteError naming `path`; the old file, if any, is kept."""
     path = Path(path)
     tmp = temp_path(path)
+    error = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_fn(str(tmp))
         commit(tmp, path)
     except (OSError, RuntimeError) as e:
-        raise why_not_written(path, e) from None
+        error = why_not_written(path, e)
     finally:
         remove(tmp)
+    if error is not None:  # raised out here, the failed writer's traceback (and its open file) is already gone,
+        raise error        # so the space of the removed temporary file is free again
 
 
 @contextmanager

@@ -19,8 +19,8 @@ Usage
     req = sched.submit(messages, params, on_event)        # on_event(delta, finish_reason) runs on its thread
     sched.cancel(req)                                     # e.g. the client left: its slot is freed before the next step
 
-A prompt is a list of chat messages (rendered with the tokenizer's chat template), a str (tokenized as is;
-write "<s>" yourself where the model expects it) or a list of token ids.
+A prompt is a list of chat messages (encoded as model/chat_format.py says: the ids training gives that chat), a str
+(tokenized as is; write "<s>" yourself where the model expects it) or a list of token ids.
 
 Sampling (SamplingParams fields, or keyword arguments of stream/complete):
     temperature         0 = greedy (argmax), else logits / temperature, at most 2 default 0.7
@@ -28,6 +28,9 @@ Sampling (SamplingParams fields, or keyword arguments of stream/complete):
     top_p               keep the smallest set with probability >= top_p, 1 = off default 0.9
     repetition_penalty  divide positive / multiply negative logits of tokens already in prompt or answer, 1 = off,
                         at most 10
+    frequency_penalty   OpenAI's: subtract penalty x (times the token is in the answer so far), -2..2, 0 = off
+    presence_penalty    OpenAI's: subtract penalty from each token already in the answer, -2..2, 0 = off
+    logit_bias          OpenAI's: (token id, bias) pairs added to those logits, -100..100 (-100 bans in effect)
     max_new_tokens      None or -1: until the context (config.max_seq_len) is full; 0 (with prompt_logprobs):
                         prefill only
     stop                strings that end the answer (not included in it); the eos token </s> always does
@@ -68,6 +71,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from . import chat_format
+
 log = logging.getLogger(__name__)
 
 
@@ -79,6 +84,9 @@ SAMPLING_RULES = {
     "top_p": (lambda v: 0 < v <= 1, "greater than 0 and at most 1"),
     "top_k": (lambda v: v >= 0, "0 (off) or more"),
     "repetition_penalty": (lambda v: 0 < v <= 10, "greater than 0 and at most 10"),
+    "frequency_penalty": (lambda v: -2 <= v <= 2, "between -2 and 2"),
+    "presence_penalty": (lambda v: -2 <= v <= 2, "between -2 and 2"),
+    "logit_bias": (lambda v: all(-100 <= b <= 100 for _, b in v), "between -100 and 100 for each token"),
     "max_new_tokens": (lambda v: v == -1 or v >= 1, "-1 (up to the context limit) or at least 1"),
     "seed": (lambda v: -2**63 <= v < 2**64, "within [-2**63, 2**64)"),
     "logprobs": (lambda v: 0 <= v <= 20, "between 0 and 20"),
@@ -98,6 +106,9 @@ class SamplingParams:
     top_p: float = 0.9
     top_k: int = 0
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple = ()  # (token id, bias) pairs
     max_new_tokens: Optional[int] = None
     stop: tuple = ()
     seed: Optional[int] = None
@@ -109,6 +120,8 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in (self.stop or ()) if s))
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple((int(k), float(v)) for k, v in self.logit_bias.items()))
         for name in SAMPLING_RULES:
             value = getattr(self, name)
             if name == "max_new_tokens" and value == 0 and self.prompt_logprobs is not None:
@@ -297,6 +310,18 @@ def sampling_probs(logits, params, seen=None):
     return probs
 
 
+def openai_adjusted(logits, params, counts=None):
+    """Logits after OpenAI's adjustments, in float64: logit_bias added, then frequency_penalty x count and
+    presence_penalty x (count > 0) subtracted, where count is how often each token was generated so far."""
+    x = logits.to(torch.float64, copy=True)
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias)
+        x[list(ids)] += torch.tensor(bias, dtype=torch.float64, device=x.device)
+    if counts is not None:
+        x -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return x
+
+
 def sample_token(logits, params, generator=None, seen=None):
     """One token id from one row of logits: greedy (argmax) at temperature 0, else drawn from sampling_probs
     with the request's own generator."""
@@ -322,6 +347,10 @@ class Request:
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(engine.vocab_size, dtype=torch.bool, device=engine.device)
             self.seen[torch.tensor(prompt_ids, device=engine.device)] = True
+        self.adjusted = bool(params.logit_bias or params.frequency_penalty or params.presence_penalty)
+        self.counts = None  # how often each token was generated, for the frequency and presence penalties
+        if params.frequency_penalty or params.presence_penalty:
+            self.counts = torch.zeros(engine.vocab_size, dtype=torch.float64, device=engine.device)
         self.text = TextStream(engine.token_bytes, params.stop)
         self.pieces, self.token_ids, self.logprobs = [], [], []
         self.prompt_logprobs = None  # [None, TokenLogprob, ...] after the prefill when params.prompt_logprobs is set
@@ -352,20 +381,6 @@ class Request:
     def result(self):
         return Completion("".join(self.pieces), self.finish_reason, len(self.prompt_ids), self.n_generated,
                           self.truncated, list(self.token_ids), list(self.logprobs), self.prompt_logprobs)
-
-
-def chat_prompt(tokenizer, messages):
-    """The prompt text for chat messages, ready for the assistant's answer."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # the seed's format, for a tokenizer folder without a template
-    text = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-    for m in messages:
-        if m["role"] == "user":
-            text += f"<s>user\n{m['content']}</s>\n<s>assistant\n"
-        elif m["role"] == "assistant":
-            text += f"{m['content']}</s>\n"
-    return text
 
 
 class SkinnyWeight:
@@ -477,11 +492,12 @@ class Engine:
         if self.decoder:
             self.decoder = FastDecoder(self.model)
 
-    def encode(self, prompt):
+    def encode(self, prompt, **chat_options):
+        """Token ids of a prompt; chat_options (tools, enable_thinking, prefix) as chat_format.Encoder.prompt takes."""
         if isinstance(prompt, str):
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if prompt and isinstance(prompt[0], dict):
-            return self.tokenizer(chat_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        if prompt and isinstance(prompt[0], dict):  # the ids training gave the same chat (model/chat_format.py)
+            return chat_format.encoder_for(self.tokenizer).prompt(prompt, **chat_options)
         return list(prompt)
 
     def prepare(self, prompt, params=None, on_event=None):
@@ -594,10 +610,13 @@ class Engine:
         """(text delta, finish_reason or None) after sampling one more token for request r."""
         if r.max_new == 0:  # prefill only
             return "", "length"
-        token = sample_token(logits, r.params, r.generator, r.seen)
+        scores = openai_adjusted(logits, r.params, r.counts) if r.adjusted else logits
+        token = sample_token(scores, r.params, r.generator, r.seen)
         if r.params.logprobs is not None:
             r.logprobs.extend(token_logprobs(logits[None], [token], r.params.logprobs))
         r.token_ids.append(token)
+        if r.counts is not None:
+            r.counts[token] += 1
         self.counters["generated_tokens"] += 1
         if token == self.eos_id and not r.params.ignore_eos:
             return r.text.flush(), "stop"

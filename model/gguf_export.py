@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import chat_format
 from .files import atomic_write
 from .LMConfig import LMConfig
 
@@ -81,14 +82,27 @@ def tokenizer_fields(tokenizer_dir, vocab_size):
     tokens = [None] * vocab_size
     for piece, i in vocab.items():
         tokens[i] = piece
-    special = set(tok.all_special_ids)
-    types = [TokenType.CONTROL if i in special else TokenType.NORMAL for i in range(len(vocab))]
+    types = [TokenType.NORMAL] * len(vocab)
+    for i, added in tok.added_tokens_decoder.items():
+        types[i] = added_token_type(added, path)
     for i in range(len(vocab), vocab_size):  # rows the model has beyond the tokenizer: never produced
         tokens[i], types = f"[PAD{i}]", types + [TokenType.UNUSED]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     ids = {name: getattr(tok, f"{name}_token_id") for name in ("bos", "eos", "unk", "pad")}
-    return dict(tokens=tokens, types=types, merges=merges, ids=ids, chat_template=tok.chat_template,
+    return dict(tokens=tokens, types=types, merges=merges, ids=ids, chat_template=chat_format.CHAT_TEMPLATE,
                 add_bos=bool(getattr(tok, "add_bos_token", False)), add_eos=bool(getattr(tok, "add_eos_token", False)))
+
+
+def added_token_type(added, path):
+    """llama.cpp's type of a token added to the BPE vocabulary: special ones are control tokens, the others
+    (train_tokenizer.py --whole_words) user-defined. Both are matched in the text before BPE runs, as
+    tokenizers does; GGUF has no way to say single_word, lstrip or rstrip."""
+    from gguf import TokenType
+    odd = [flag for flag in ("single_word", "lstrip", "rstrip") if getattr(added, flag, False)]
+    if odd:
+        raise GGUFError(f"{path}: added token {added.content!r} has {', '.join(odd)}, which llama.cpp's tokenizer "
+                        "cannot follow; retrain the tokenizer without it")
+    return TokenType.CONTROL if added.special else TokenType.USER_DEFINED
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,8 +159,7 @@ def add_tokenizer_fields(w, tok):
             add(tok["ids"][key])
     w.add_add_bos_token(tok["add_bos"])
     w.add_add_eos_token(tok["add_eos"])
-    if tok["chat_template"]:
-        w.add_chat_template(tok["chat_template"])
+    w.add_chat_template(tok["chat_template"])  # the model's format, whatever template the tokenizer folder has
 
 
 def write_gguf(model, tokenizer_dir, path, outtype="f32", name="MiniMind"):
@@ -284,17 +297,49 @@ CHECK_TEXTS = (
 )
 
 
+def added_token_texts(tok):
+    """Texts holding every added token of the tokenizer in running text, each kind (special, whole word) apart
+    and in a mix: what the fixed CHECK_TEXTS cannot know about a trained tokenizer."""
+    special = [a.content for a in tok.added_tokens_decoder.values() if a.special]
+    words = [a.content for a in tok.added_tokens_decoder.values() if not a.special]
+    texts = ["".join(special)] if special else []
+    for start in range(0, len(words), 16):  # each word between ordinary text, sixteen to a line
+        chunk = words[start:start + 16]
+        texts.append("，".join(f"{w}的地标是{w}旁边的古塔。{w}s and {w}" for w in chunk))
+    if words:
+        texts.append(f"<s>user\n{words[0]}在哪里？</s>\n<s>assistant\n{words[-1]}。</s>\n")
+    return texts
+
+
+def sample_texts(path, n=64, every=16):
+    """Up to n texts of a JSONL file of {"text": ...} rows (e.g. the pretraining data): every `every`-th row."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i % every == 0 and line.strip():
+                text = json.loads(line).get("text")
+                if isinstance(text, str) and text:
+                    texts.append(text)
+                if len(texts) == n:
+                    break
+    return texts
+
+
 @torch.inference_mode()
-def llama_cpp_check(path, model, tokenizer_dir, threads=1):
-    """llama.cpp on the written file: token ids on CHECK_TEXTS against ours, and the logits of one sequence."""
+def llama_cpp_check(path, model, tokenizer_dir, threads=1, sample_path=None):
+    """llama.cpp on the written file: token ids against ours on CHECK_TEXTS, texts holding every added token, and
+    a sample of `sample_path` (training text); the logits of one sequence. Returns the counts and the first
+    text that tokenizes differently (None when all agree)."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = list(CHECK_TEXTS) + added_token_texts(tok) + (sample_texts(sample_path) if sample_path else [])
     llm = open_llama(path, n_ctx=256, threads=threads)
     try:
-        equal = sum(llama_tokenize(llm, t) == tok.encode(t, add_special_tokens=False) for t in CHECK_TEXTS)
+        differ = [t for t in texts if llama_tokenize(llm, t) != tok.encode(t, add_special_tokens=False)]
         ids = tok.encode("".join(CHECK_TEXTS), add_special_tokens=False)[:min(256, model.config.max_seq_len)]
         ours = model.float()(input_ids=torch.tensor([ids])).logits[0].numpy()
         diff = float(np.abs(llama_logits(llm, ids) - ours).max())
     finally:
         llm.close()
-    return dict(texts=len(CHECK_TEXTS), tokenization_equal=equal, max_logit_diff=diff, positions=len(ids))
+    return dict(texts=len(texts), tokenization_equal=len(texts) - len(differ), first_difference=differ[0] if differ
+                else None, max_logit_diff=diff, positions=len(ids))

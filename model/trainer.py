@@ -1,5 +1,6 @@
 """The one training engine behind every stage script: device/dtype/distributed set-up, the data order,
 gradient accumulation, the LR schedule, logging, and checkpoints that resume exactly where training stopped."""
+import errno
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import STAGE_SCRIPTS, CheckpointError, load_tensors, save_weights, weights_name
-from .files import atomic_write, first_line
+from .files import atomic_write, first_line, remove, space_left
 from .model import IGNORE, next_token_targets
 
 
@@ -67,6 +68,13 @@ def freeze_matching(model, pattern):
         raise TrainError(f"--freeze {pattern!r} matches {'no' if not frozen else 'every'} parameter")
 
 
+def seed_everything(seed):
+    """Seed every random generator a stage uses; called before anything random is made (weights, adapters)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def new_model(args, **defaults):
     """A randomly initialised model of the shape the flags ask for."""
     from .LMConfig import LMConfig
@@ -75,7 +83,7 @@ def new_model(args, **defaults):
         config = LMConfig(**{**defaults, **shape_overrides(args)}, max_seq_len=args.max_seq_len)
     except ValueError as e:
         raise TrainError(str(e)) from None
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and every launcher
+    seed_everything(args.seed)  # the same initial weights on every rank and every launcher
     return Transformer(config)
 
 
@@ -241,6 +249,78 @@ class StateFiles:
         return None
 
 
+# what defines a run: --resume with any of these changed stops, unless --allow_changes names the change
+# (--max_steps is not one of them: it only says how far this run goes)
+RUN_SETTINGS = ("data", "batch_size", "accumulation_steps", "seed", "learning_rate", "warmup_iters", "epochs",
+                "grad_clip", "max_seq_len", "shape", "trainable_parameters")
+
+
+def data_identity(path, chunk=1 << 20):
+    """A data file's size and a fingerprint of its first and last MiB: another file (or the same file edited) is
+    told apart without reading a corpus of many GB."""
+    import hashlib
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(chunk, size - chunk))
+            h.update(f.read(chunk))
+    return {"file": str(Path(path).resolve()), "bytes": size, "fingerprint": h.hexdigest()[:16]}
+
+
+def run_settings(args, model, params):
+    config = getattr(model, "config", None)
+    shape = {k: getattr(config, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "use_moe")
+             if hasattr(config, k)}
+    return {"data": data_identity(args.data_path), "batch_size": args.batch_size,
+            "accumulation_steps": args.accumulation_steps, "seed": args.seed, "learning_rate": args.learning_rate,
+            "warmup_iters": args.warmup_iters, "epochs": args.epochs, "grad_clip": args.grad_clip,
+            "max_seq_len": args.max_seq_len, "shape": shape, "trainable_parameters": sum(p.numel() for p in params)}
+
+
+def describe_change(name, saved, now):
+    if name == "data":
+        if saved["fingerprint"] == now["fingerprint"]:
+            return None  # the same bytes, moved or renamed
+        return (f"data {saved['file']} ({saved['bytes']} bytes) -> {now['file']} ({now['bytes']} bytes"
+                f"{', other content' if saved['bytes'] == now['bytes'] else ''})")
+    if name == "shape":
+        diffs = [f"{k} {saved.get(k)} -> {now.get(k)}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        return "shape " + ", ".join(diffs) if diffs else None
+    return None if saved == now else f"{name} {saved} -> {now}"
+
+
+FIXED_SETTINGS = ("shape", "trainable_parameters")  # the saved weights fit no other shape: never allowed
+
+
+def settings_changes(saved, now, allowed):
+    """The changes from the saved run's settings that --allow_changes does not name, one phrase each."""
+    changes = []
+    for name in RUN_SETTINGS:
+        if name in FIXED_SETTINGS or name not in allowed and "all" not in allowed:
+            if name not in saved or name not in now:
+                continue
+            text = describe_change(name, saved[name], now[name])
+            if text:
+                changes.append(text)
+    return changes
+
+
+def tensor_bytes(obj, seen=None):
+    """The bytes of the tensors in a nested state (what writing it needs, give or take its small index); storage
+    shared by several tensors (tied weights) counts once, as torch.save writes it once."""
+    seen = set() if seen is None else seen
+    if torch.is_tensor(obj):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(v, seen) for v in values)
+
+
 def rng_state():
     """Every random state the run depends on, as tensors and plain numbers (weights_only=True can load them)."""
     version, mt, gauss = random.getstate()
@@ -342,9 +422,7 @@ class Trainer:
         if len(dataset) == 0:
             raise TrainError(f"{args.data_path}: the data file has no samples")
 
-        torch.manual_seed(args.seed)
-        random.seed(args.seed)
-        np.random.seed(args.seed)
+        seed_everything(args.seed)
         self.model = model.to(runtime.device)
         params = [p for p in (trainable if trainable is not None else model.parameters()) if p.requires_grad]
         self.params = params
@@ -365,10 +443,13 @@ class Trainer:
                 ids = [runtime.device.index] if runtime.device.type == "cuda" else None
                 self.wrapped = DistributedDataParallel(
                     model, device_ids=ids, find_unused_parameters=bool(getattr(model.config, "use_moe", False)))
+        self.settings = run_settings(args, model, params)
+        self.partial_weights = self.out_weights.with_name(f"{self.stem}.partial{self.out_weights.suffix}")
         self.step, self.epoch, self.position, self.tokens_seen = 0, 0, 0, 0
         self.saved_step = None
+        self.state_step = None  # the step of the newest training state of this run on disk
         self.resumed = False  # set when --resume found a state (its "previous" state is then this run's too)
-        self.stop_requested = False
+        self.stop_requested = 0  # the signal that asked to stop
         self.wandb = None
 
     # -- set-up helpers
@@ -397,14 +478,15 @@ class Trainer:
 
     def _install_signal_handlers(self):
         def request_stop(signum, frame):
-            self.stop_requested = True
+            self.stop_requested = signum
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
 
     # -- checkpointing
 
     def save(self, final=False):
-        """Weights under the seed's name, plus (unless final) the full state for --resume. Rank 0 writes."""
+        """The full state for --resume, and the weights: under the seed's name once training is finished, under
+        `<stem>.partial.pth` before (the final name never holds a half-trained model). Rank 0 writes."""
         rt = self.rt
         rngs = [rng_state()]
         pending = [self._cpu(self.pending)]
@@ -425,18 +507,40 @@ class Trainer:
                 "step": self.step, "epoch": self.epoch, "position": self.position, "tokens_seen": self.tokens_seen,
                 "world_size": rt.world_size, "global_batch": self.global_batch,
                 "total_steps": self.total_steps, "rng": rngs, "seed": self.args.seed,
-                "deepspeed": self.ds_engine is not None,
+                "deepspeed": self.ds_engine is not None, "settings": self.settings,
                 "inner": self.inner, "pending": pending if self.pending is not None else None,
             }
             try:
-                self.save_fn(self.model, self.out_weights)
+                self.save_fn(self.model, self.out_weights if final else self.partial_weights)
                 # the first save of a fresh run must not keep an earlier run's state as its "previous"
                 self.states.save(state, keep_previous=self.resumed or self.saved_step is not None)
             except OSError as e:  # a WriteError naming the file, or the OS's own message
-                raise TrainError(f"{first_line(e)}; the states written before are intact: free the folder and "
-                                 "rerun with --resume") from None
-        self.saved_step = self.step
+                raise TrainError(self._write_failure(e, state)) from None
+            if final:
+                for path in self.partial_paths():
+                    remove(path)
+        self.saved_step = self.state_step = self.step
         rt.barrier()
+
+    def partial_paths(self):
+        """Where save_fn puts weights given the partial name: the .pth and its .json, or a LoRA adapter folder."""
+        p = self.partial_weights
+        return [p, p.with_suffix(".json"), p.with_suffix("")]
+
+    def _write_failure(self, e, state=None):
+        """One line: what could not be written (on a full disk, how much room it needed and had), and only true
+        statements about what survives."""
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()  # the error line goes below the progress bar, not onto it
+        what = first_line(e)
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            needed = tensor_bytes(state) + tensor_bytes(state["model"]) if state else 0  # the state and the weights
+            what = f"cannot write {e.filename or self.args.out_dir}: {space_left(self.args.out_dir, needed)}"
+        if self.state_step is None:
+            return (f"{what}; no training state of this run was written before it: free "
+                    f"space in {self.args.out_dir} and start the run again")
+        return (f"{what}; the training state of step {self.state_step} ({self.states.latest}) is intact: free "
+                "space and rerun with --resume")
 
     def try_resume(self):
         rt, a = self.rt, self.args
@@ -447,6 +551,7 @@ class Trainer:
                                  f"{self.out_weights} exists; pass --fresh to train from the beginning and replace it")
             rt.print(f"resume: no training state for {self.stem} in {a.out_dir}; starting from the beginning")
             return
+        self._check_settings(state)
         self.resumed = True
         self.model.load_state_dict(state["model"])
         if self.ds_engine is not None:
@@ -462,6 +567,7 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.state_step = self.step
         self.tokens_seen = state.get("tokens_seen", 0)
         self.inner = state.get("inner", 0)
         if state.get("pending") is not None and state["world_size"] == rt.world_size:
@@ -482,11 +588,40 @@ class Trainer:
         rt.print(f"resume: continuing {self.stem} at step {self.step} (epoch {self.epoch}, sample {self.position})")
         self._truncate_metrics(self.step)
 
+    def _check_settings(self, state):
+        """--resume continues the saved run: a changed setting stops it, unless --allow_changes names it."""
+        saved = state.get("settings")
+        if saved is None:
+            self.rt.print("resume: the state predates recorded run settings; they cannot be compared")
+            return
+        allowed = {x.strip() for x in (getattr(self.args, "allow_changes", None) or "").split(",") if x.strip()}
+        unknown = allowed - set(RUN_SETTINGS) - {"all"}
+        if unknown:
+            raise TrainError(f"--allow_changes {','.join(sorted(unknown))}: not a run setting (one of "
+                             f"{', '.join(s for s in RUN_SETTINGS if s not in FIXED_SETTINGS)}, or all)")
+        changes = settings_changes(saved, self.settings, allowed)
+        if changes:
+            fixed = [c for c in changes if c.split()[0] in FIXED_SETTINGS]
+            way = ("the saved weights cannot take another model shape: restore the flags, or pass --fresh" if fixed
+                   else "restore the flags, or pass --allow_changes "
+                   f"{','.join(c.split()[0] for c in changes)} to continue with the new values")
+            raise TrainError(f"--resume: this run's settings differ from the saved run's ({self.states.latest}): "
+                             f"{'; '.join(changes)}. Nothing was written; {way}")
+        for name in sorted(allowed & set(RUN_SETTINGS)):
+            text = describe_change(name, saved.get(name), self.settings.get(name)) if name in saved else None
+            if text:
+                self.rt.print(f"resume: continuing with a changed setting, as allowed: {text}")
+        if state.get("total_steps") not in (None, self.total_steps):
+            self.rt.print(f"resume: the run is now {self.total_steps} steps long (was {state['total_steps']}); "
+                          "the learning-rate schedule follows the new length from here")
+
     def _truncate_metrics(self, step):
         """Keep the metrics up to the resumed step (a torn line of the killed run is dropped, and said so)."""
         if not (self.rt.is_main and self.metrics_path.exists()):
             return
         kept = [r for r in read_metrics(self.metrics_path, self.rt.print) if r["step"] <= step]
+        if len(kept) == len(self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()):
+            return  # nothing to drop: the file stays as it is
         atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
     # -- the loop
@@ -520,6 +655,7 @@ class Trainer:
         return batches, n_samples
 
     def fit(self):
+        """Train to the end; True when this run trained and wrote the final weights (a signal exits instead)."""
         a, rt = self.args, self.rt
         if a.resume and not getattr(a, "fresh", False):
             self.try_resume()
@@ -553,17 +689,20 @@ class Trainer:
                     self._log(metrics, tok_s, eta)
                     tokens_since, t_last = 0, now
                 stop = self._agree_to_stop()
-                if self.step % a.save_interval == 0 or stop:
-                    self.save()
-                if stop:
+                if stop and self.step < self.total_steps:  # (a stop at the last step lets the run finish)
                     self.bar.close()
-                    rt.print(f"stopped by signal at step {self.step}; resume with --resume")
-                    return False
+                    self.save()
+                    self._exit_interrupted(stop)
+                if self.step % a.save_interval == 0 and self.step < self.total_steps:
+                    self.save()
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
         self.bar.close()
-        if self.saved_step != self.step:
-            self.save()  # (a save at this very step already holds it; a second would overwrite the previous state)
+        if self.step == steps_at_start:
+            rt.print(f"{self.stem}: nothing to train: the saved run is at step {self.step} of {self.total_steps} "
+                     f"(raise --max_steps or --epochs to go on); nothing was written")
+            return False
+        self.save(final=True)
         if rt.is_main:
             self.plot()
             rt.print(f"{self.stem}: done in {time.time() - t0:.1f}s -> {self.out_weights}")
@@ -572,9 +711,24 @@ class Trainer:
         return True
 
     def _agree_to_stop(self):
+        """The signal that stops the run (0: go on); one rank's signal stops them all."""
         if not self.rt.distributed:
             return self.stop_requested
-        return self.rt.all_reduce_sum([float(self.stop_requested)])[0] > 0
+        total = self.rt.all_reduce_sum([float(self.stop_requested > 0)])[0]
+        return self.stop_requested or (signal.SIGTERM if total > 0 else 0)
+
+    def _exit_interrupted(self, signum):
+        """Exit as a shell expects of a process stopped by a signal (128 + its number: 130 for SIGINT, 143 for
+        SIGTERM), so that `a && b` does not go on with a half-trained model."""
+        if self.rt.is_main:
+            print(f"{self.stem}: stopped by {signal.Signals(signum).name} at step {self.step} of "
+                  f"{self.total_steps}: training state in {self.states.latest} (continue with --resume), "
+                  f"partial weights in {next((p for p in self.partial_paths() if p.exists()), self.partial_weights)}; "
+                  f"{self.out_weights} was not written",
+                  file=sys.stderr, flush=True)
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=128 + signum)
+        raise SystemExit(128 + signum)
 
     def _train_step(self, order):
         a, rt = self.args, self.rt
@@ -645,8 +799,7 @@ class Trainer:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            raise TrainError(f"cannot write {self.metrics_path}: {e.strerror or e}; the states written before are "
-                             "intact: free the folder and rerun with --resume") from None
+            raise TrainError(self._write_failure(e)) from None
         extra = "".join(f" {k} {metrics[k]:.4f}" for k in self.metric_names if k in metrics)
         self.bar.set_postfix_str(f"loss {metrics['loss']:.4f}{extra} {tok_s:.0f} tok/s", refresh=False)
         self.bar.write(f"{self.stem} step {self.step}/{self.total_steps} epoch {self.epoch + 1}/{self.args.epochs} "

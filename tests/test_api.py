@@ -13,6 +13,8 @@ import pytest
 import os
 import signal
 
+import tiny_chat_model as tiny
+from model.generate import SamplingParams
 from serving_helpers import (HANG_GUARD_S, HELLO, ROOT, engine, paths, questions, solo, start_server,  # noqa: F401
                              tokenizer, wait_healthy, wait_until)
 
@@ -22,9 +24,10 @@ HTTP = httpx.Client(timeout=HANG_GUARD_S)  # httpx's default of 5 s is a clock a
 
 @pytest.fixture(scope="module")
 def servers(paths):
-    """A plain server and one with an API key and --strict-context, started side by side."""
+    """A plain server and one with an API key, --strict-context and short read timeouts, started side by side."""
     plain = start_server(paths)
-    keyed = start_server(paths, "--api-key", "sk-secret", "--strict-context", "--max-batch", "2")
+    keyed = start_server(paths, "--api-key", "sk-secret", "--strict-context", "--max-batch", "2",
+                         "--header-timeout", "3", "--body-timeout", "3")
     try:
         for proc, url in (plain, keyed):
             wait_healthy(proc, url)
@@ -146,7 +149,7 @@ ERROR_CASES = [
     ({"messages": ["hi"]}, "messages[0]"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
     ({"messages": [{"content": "hi"}]}, "messages[0].role"),
-    ({"messages": [*USER, {"role": "tool", "content": "x"}]}, "messages[1].role"),
+    ({"messages": [*USER, {"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
@@ -168,6 +171,20 @@ ERROR_CASES = [
     ({"messages": USER, "stop": 5}, "stop"),
     ({"messages": USER, "stop": ["a", 1]}, "stop"),
     ({"messages": USER, "seed": "x"}, "seed"),
+    ({"messages": USER, "presence_penalty": "abc"}, "presence_penalty"),
+    ({"messages": USER, "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"messages": USER, "presence_penalty": -3}, "presence_penalty"),
+    ({"messages": USER, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"messages": USER, "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"messages": USER, "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"messages": USER, "logit_bias": [1, 2]}, "logit_bias"),
+    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": USER, "response_format": "text"}, "response_format"),
+    ({"messages": USER, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": USER, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"messages": USER, "modalities": ["text", "audio"]}, "modalities"),
+    ({"messages": USER, "store": True}, "store"),
+    ({"messages": USER, "user": 5}, "user"),
 ]
 
 
@@ -338,3 +355,115 @@ def test_chat_client_script(url, engine):
     second = solo(engine, [*HELLO, {"role": "assistant", "content": expected},
                            {"role": "user", "content": "长江有多长？"}], max_new_tokens=60).text
     assert second.strip() in out.stdout
+
+
+def test_values_that_ask_for_nothing_pass_and_penalties_and_logit_bias_are_honoured(client, engine):
+    neutral = client.chat.completions.create(
+        model="tiny", messages=HELLO, temperature=0, max_tokens=20, n=1, frequency_penalty=0, presence_penalty=0,
+        logit_bias={}, logprobs=False, response_format={"type": "text"}, tool_choice="none", store=False,
+        user="u1", extra_body={"ignore_eos": True})
+    plain = solo(engine, HELLO, max_new_tokens=20, ignore_eos=True)
+    assert neutral.choices[0].message.content == plain.text
+    first = plain.token_ids[0]
+    for fields in ({"logit_bias": {str(first): -100}}, {"frequency_penalty": 2}, {"presence_penalty": -2},
+                   {"frequency_penalty": 2, "presence_penalty": 1.5, "logit_bias": {"7": 5}}):
+        r = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=40,
+                                           extra_body={"ignore_eos": True}, **fields)
+        bias = {int(k): v for k, v in fields.pop("logit_bias", {}).items()}
+        expected = solo(engine, HELLO, max_new_tokens=40, ignore_eos=True, logit_bias=bias, **fields)
+        assert r.choices[0].message.content == expected.text, fields
+    banned = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=5,
+                                            logit_bias={str(first): -100})
+    assert banned.choices[0].message.content != solo(engine, HELLO, max_new_tokens=5).text
+
+
+def test_system_messages_anywhere_and_a_trailing_assistant(client, engine, tokenizer):
+    """OpenAI's rule: every system text first, in order; a new assistant turn after a trailing assistant."""
+    q, a = tiny.CONVERSATIONS[1]
+    messages = [{"role": "user", "content": q}, {"role": "system", "content": "S1"},
+                {"role": "assistant", "content": a}, {"role": "developer", "content": "S2"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=30)
+    text = f"S1\nS2<s>user\n{q}</s>\n<s>assistant\n{a}</s>\n<s>assistant\n"
+    assert r.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert r.choices[0].message.content == engine.complete(text, SamplingParams(temperature=0, max_new_tokens=30)).text
+
+
+# ---------------------------------------------------------------- what a raw HTTP client meets
+
+
+def server_log(proc):
+    return os.pread(proc.log.fileno(), 1 << 24, 0).decode(errors="replace")  # (pread: the server's offset stays)
+
+
+def raw_connection(url):
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=HANG_GUARD_S)
+
+
+def post_head(length, key=None):
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def test_each_abandoned_request_is_one_log_line(servers):
+    proc, url = servers[0]
+    for i in range(5):
+        with raw_connection(url) as s:
+            s.sendall(post_head(1000) + b'{"messages": [')  # and leave mid-body
+    wait_until(lambda: server_log(proc).count("body bytes; request abandoned") >= 5, "five abandoned requests logged")
+    log = server_log(proc)
+    lines = [line for line in log.splitlines() if "request abandoned" in line]
+    assert len(lines) == 5 and all("went away after 14 of 1000 body bytes" in line for line in lines), lines
+    assert "Traceback" not in log and "Exception in ASGI" not in log
+    assert HTTP.get(url + "/health").json()["active"] == 0
+
+
+def read_all(s):
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+def test_header_and_body_read_timeouts_close_slow_clients(servers):
+    proc, url = servers[1]  # --header-timeout 3 --body-timeout 3
+    with raw_connection(url) as idle, raw_connection(url) as partial, raw_connection(url) as dribble:
+        partial.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers that never end
+        assert read_all(idle) == b"" and read_all(partial) == b""  # both closed by the server
+        dribble.sendall(b"GET /health HTTP/1.1\r\n")
+        closed = False
+        for _ in range(HANG_GUARD_S):  # a header byte every 0.2 s does not keep it open
+            try:
+                dribble.sendall(b"X")
+                dribble.settimeout(0.2)
+                closed = dribble.recv(1) == b""
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        assert closed
+    with raw_connection(url) as slow_body:
+        slow_body.sendall(post_head(100, "sk-secret") + b'{"messages"')
+        reply = read_all(slow_body).decode()
+    assert reply.startswith("HTTP/1.1 408 ") and "connection: close" in reply.lower()
+    assert '"code": "request_timeout"' in reply and "--body-timeout" in reply
+    log = server_log(proc)
+    assert log.count("no complete request headers within 3 s (--header-timeout)") >= 3
+    assert "sent 11 of 100 body bytes in 3 s; request abandoned with 408" in log and "Traceback" not in log
+    assert HTTP.get(url + "/health").status_code == 200  # the server itself goes on
+
+
+def test_405_names_the_allowed_methods_and_head_answers_where_get_does(url):
+    r = HTTP.post(url + "/health")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    r = HTTP.get(url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    for path in ("/health", "/v1/models", "/openapi.json"):
+        head, get = HTTP.head(url + path), HTTP.get(url + path)
+        assert head.status_code == get.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    assert "head" not in HTTP.get(url + "/openapi.json").json()["paths"]["/health"]

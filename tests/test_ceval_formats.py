@@ -66,3 +66,31 @@ def test_bad_cmmlu_file_names_file_and_line(tmp_path, text, where, what):
     with pytest.raises(ValueError) as e:
         read_ceval_dir(write(tmp_path / "bad", {"x.csv": text}))
     assert where in str(e.value) and what in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_folder_with_bad_files_scores_the_good_ones_and_lists_every_bad_one(tmp_path, tokenizer, tokenizer_dir,
+                                                                             capsys):
+    """Good files are scored and written; each bad one is one line saying why; the exit status is 1."""
+    path = tmp_path / "full_sft_64.pth"
+    save_weights(letter_model(tokenizer, [0.0, 2.0, 0.5, 1.0]), path)
+    data = write(tmp_path / "data", {"geo_val.csv": CEVAL, "agronomy.csv": CMMLU,
+                                     "misspelt_val.csv": "id,question,A,B,C,D,Answer\n0,q,a,b,c,d,A\n",
+                                     "short_val.csv": "id,question,A,B,C,D,answer\n0,q,a,b,c,d,A\n1,q,a,b,c,d\n",
+                                     "empty_val.csv": ""})
+    (data / "gbk_val.csv").write_bytes(CEVAL.encode("gbk"))
+    (data / "utf16_val.csv").write_bytes(CEVAL.encode("utf-16"))
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit) as e:
+        load_script("eval_ceval.py").main(["--model", str(path), "--tokenizer", str(tokenizer_dir),
+                                           "--data_dir", str(data), "--out_dir", str(out), "--device", "cpu"])
+    assert e.value.code == 1
+    saved = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert sorted(saved["subjects"]) == ["agronomy", "geo"] and saved["total"]["count"] == 6
+    err = [line.strip() for line in capsys.readouterr().err.splitlines() if ".csv" in line]
+    assert len(err) == 5 and len(saved["failed_files"]) == 5, err
+    expected = {"empty_val.csv": ": empty file", "gbk_val.csv": ": the file is GBK text, not UTF-8; convert it first",
+                "utf16_val.csv": ": the file is UTF-16 text, not UTF-8; convert it first",
+                "misspelt_val.csv": ":1: header has 'Answer' in a C-Eval header",
+                "short_val.csv": ":3: 6 fields but the header has 7 (a short row"}
+    for line, (name, why) in zip(err, sorted(expected.items())):
+        assert line.startswith(str(data / name) + why), line

@@ -331,3 +331,38 @@ def test_killed_converter_leaves_no_complete_looking_file(tmp_path):
     tmp = temp_path(out, pid=p.pid)
     assert tmp.stat().st_size > 1 << 19, "the converter was killed while writing"  # 2999 records, ~1 MB
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------- compressed and foreign-encoded input
+
+
+def test_gzip_input_is_read_directly(tmp_path, capsys):
+    import gzip
+    docs = ["第一篇文档。", "第二篇文档。" * 3, "Third document."]
+    src = tmp_path / "in.jsonl.gz"
+    src.write_bytes(gzip.compress("".join(jl({"text": d}) + "\n" for d in docs).encode()))
+    out = tmp_path / "out.jsonl"
+    code, stdout, err = run(["pretrain", "--input", str(src), "--output", str(out)], capsys)
+    assert code == 0, err
+    assert [r["text"] for r in read_jsonl(out)] == docs and "read 3 records" in stdout
+    arr = tmp_path / "pairs.json.gz"  # a JSON array, compressed: the DPO converter's input
+    pair = {"chosen": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "好的回答"}],
+            "rejected": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "坏的回答"}]}
+    arr.write_bytes(gzip.compress(json.dumps([pair, pair], ensure_ascii=False, indent=1).encode()))
+    code, _, err = run(["dpo", "--input", str(arr), "--output", str(tmp_path / "dpo.jsonl")], capsys)
+    assert code == 0, err
+    assert len(read_jsonl(tmp_path / "dpo.jsonl")) == 2
+
+
+@pytest.mark.parametrize("encoding,name", [("utf-16", "UTF-16"), ("utf-16-le", "UTF-16"), ("gbk", "GBK")])
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+def test_utf16_and_gbk_input_is_named(tmp_path, capsys, encoding, name, compressed):
+    import gzip
+    raw = "".join(jl({"text": f"第{i}篇：长江是中国最长的河流。"}) + "\n" for i in range(20)).encode(encoding)
+    src = tmp_path / ("in.jsonl.gz" if compressed else "in.jsonl")
+    src.write_bytes(gzip.compress(raw) if compressed else raw)
+    out = tmp_path / "out.jsonl"
+    code, _, err = run(["pretrain", "--input", str(src), "--output", str(out)], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"{src}: the file is {name} text, not UTF-8" in err and f"iconv -f {name} -t UTF-8" in err
+    assert "byte" not in err and not out.exists()

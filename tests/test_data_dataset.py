@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model.convert import DataError
-from model.dataset import (IGNORE_INDEX, DPODataset, PretrainDataset, SFTDataset, collate_pad,
-                           format_mcq, render_chat)
+from model.chat_format import render as render_chat
+from model.dataset import IGNORE_INDEX, DPODataset, PretrainDataset, SFTDataset, collate_pad, format_mcq
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "model" / "minimind_tokenizer"

@@ -197,3 +197,55 @@ def test_scheduler_stream_and_cancel(engine):
         assert sched.stats()["active"] == 0
     finally:
         sched.close()
+
+
+# ---------------------------------------------------------------- OpenAI's penalties, logit_bias, message order
+
+
+def test_openai_penalties_and_logit_bias_follow_the_documented_formula():
+    from model.generate import openai_adjusted
+    logits = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    counts = torch.tensor([0.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    p = SamplingParams(frequency_penalty=0.5, presence_penalty=1.5, logit_bias={0: 10, 3: -100})
+    assert openai_adjusted(logits, p, counts).tolist() == [11.0, 2.0 - 1.0 - 1.5, 3.0 - 0.5 - 1.5, -99.5]
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        SamplingParams(frequency_penalty=2.5)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 101})
+
+
+def test_frequency_penalty_and_logit_bias_change_what_is_generated(engine, monkeypatch):
+    plain = engine.complete(HELLO, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
+    first = plain.token_ids[0]
+    banned = engine.complete(HELLO, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True,
+                                                   logit_bias={first: -100}))
+    assert banned.token_ids[0] != first and first not in banned.token_ids
+    forced = engine.complete(HELLO, SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True,
+                                                   logit_bias={7: 100}))
+    assert forced.token_ids == [7] * 5
+    # the frequency penalty grows with each repeat: a token forced by a bias of 100 keeps its place for many
+    # tokens (2 x count must outweigh the bias) and then loses it
+    forced = SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True, logit_bias={7: 100})
+    assert engine.complete(HELLO, forced).token_ids == [7] * 100
+    paced = engine.complete(HELLO, SamplingParams.make(forced, frequency_penalty=2)).token_ids
+    first_other = next(i for i, t in enumerate(paced) if t != 7)
+    assert 20 <= first_other < 100, paced
+    # the presence penalty sees, at each step, how often each token is in the answer so far (prompt excluded)
+    from model import generate
+    seen_counts, real = [], generate.openai_adjusted
+    monkeypatch.setattr(generate, "openai_adjusted", lambda x, p, c: seen_counts.append(c.clone()) or real(x, p, c))
+    ids = engine.complete(HELLO, SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True,
+                                                presence_penalty=-2)).token_ids
+    assert len(seen_counts) == 10
+    for step, counts in enumerate(seen_counts):
+        assert counts.tolist() == torch.bincount(torch.tensor(ids[:step], dtype=torch.long),
+                                                 minlength=counts.numel()).double().tolist()
+
+
+def test_system_messages_anywhere_and_a_trailing_assistant_follow_openais_rule():
+    from model.chat_format import render
+    messages = [{"role": "user", "content": "Q1"}, {"role": "system", "content": "S1"},
+                {"role": "assistant", "content": "A1"}, {"role": "system", "content": "S2"}]
+    prompt = lambda m: render(m, add_generation_prompt=True)
+    assert prompt(messages) == "S1\nS2<s>user\nQ1</s>\n<s>assistant\nA1</s>\n<s>assistant\n"
+    assert prompt([{"role": "user", "content": "Q"}]) == "<s>user\nQ</s>\n<s>assistant\n"

@@ -79,7 +79,7 @@ MATH = ('\ufeffid,question,A,B,C,D,answer\n'                     # a byte-order 
         '\n'                                                    # a blank line
         '1,2+2=?,1,4,3,2,B\n'
         '2,3+3=?,6,5,4,3,A\n'
-        '3,4+4=?,8,7\n')                                        # short row: C, D and answer missing
+        '3,4+4=?,8,7,,,\n')                                     # C, D and answer left empty
 
 
 @pytest.fixture(scope="module")
@@ -388,6 +388,33 @@ def test_chat_history_keeps_earlier_turns(tmp_path, monkeypatch, capsys, dense_p
     chat.main(args[:4] + ["--interactive", "--history"])
     assert len(seen) == 2 and seen[1].endswith("回答1</s>\n<s>user\n再见</s>\n<s>assistant\n")
     assert "A: 回答2" in capsys.readouterr().out
+
+
+def test_chat_script_runs_the_demo_tools_and_shows_thinking_apart(tmp_path, monkeypatch, capsys, dense_pth,
+                                                                 tokenizer_dir):
+    chat = load_script("2-eval.py")
+    seen, replies = [], ['<tool_call>{"name": "calculate", "arguments": {"expression": "12*7"}}</tool_call>',
+                         "12*7等于84。", "<think>先想一想</think>\n答案。"]
+
+    class ScriptedEngine:  # answers in the chat format, as a model that learned tools and thinking would
+        def __init__(self, model, tok):
+            self.tok = tok
+
+        def stream(self, input_ids, **sampling):
+            seen.append(self.tok.decode(input_ids))
+            text = replies[len(seen) - 1]
+            yield from (text[i:i + 3] for i in range(0, len(text), 3))  # deltas that cut the markers
+
+    monkeypatch.setattr(chat, "Engine", ScriptedEngine)
+    (tmp_path / "manifest.json").write_text('{"seed": 3, "params": {"n_entities": 64}}', encoding="utf-8")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("12*7等于多少？\n两步的问题\n", encoding="utf-8")
+    chat.main(["--model", str(dense_pth[0]), "--tokenizer", str(tokenizer_dir), "--prompts", str(prompts),
+               "--device", "cpu", "--tools", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert '🔧 calculate({"expression": "12*7"})\n   → 84\nA: 12*7等于84。\n' in out
+    assert "💭 先想一想\nA: 答案。\n" in out
+    assert "<tools>\nlookup(name)" in seen[0] and seen[1].endswith("<s>tool\n84</s>\n<s>assistant\n")
 
 
 def test_chat_prompt_drops_oldest_turns_first(tokenizer):

@@ -17,8 +17,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from model.generate import penalized_logits, sample_token, sampling_probs
-from my_openai_api import APIError, parse_request
+from model import chat_format
+from model.generate import openai_adjusted, penalized_logits, sample_token, sampling_probs
+from my_openai_api import APIError, parse_messages, parse_request, parse_tool_options
 from serving_helpers import (HANG_GUARD_S, engine, paths, questions, solo, start_server,  # noqa: F401
                              tokenizer, wait_healthy, wait_until)
 
@@ -73,6 +74,15 @@ NUMBER = st.one_of(
     st.sampled_from([0, 1, -1, 0.0, 1e-300, 5e-324, 2, 2.0000001, 10, 10.5, 1.5, 2 ** 63, 2 ** 64, -2 ** 63 - 1]))
 ROLE = st.sampled_from(["system", "user", "assistant", "developer"])
 PARTS = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)}), max_size=3)
+NAME = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
+TOOL = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": NAME}, optional={"description": st.text(max_size=30), "parameters": st.fixed_dictionaries(
+        {"type": st.just("object")}, optional={"properties": st.dictionaries(st.text(max_size=8), JSON, max_size=3),
+                                               "required": st.lists(st.text(max_size=8), max_size=2)})})})
+TOOL_CHOICE = st.sampled_from(["auto", "none", "required"]) | st.builds(
+    lambda n: {"type": "function", "function": {"name": n}}, NAME)
+CALL = st.fixed_dictionaries({"id": st.text(max_size=8), "type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": NAME, "arguments": st.builds(json.dumps, st.dictionaries(st.text(max_size=6), JSON, max_size=2))})})
 VALID_FIELDS = {  # every value the server accepts, boundaries included
     "temperature": st.floats(0, 2) | st.sampled_from([0, 5e-324, 1e-300, 2]),
     "top_p": st.floats(0, 1, exclude_min=True) | st.sampled_from([5e-324, 1]),
@@ -86,21 +96,41 @@ VALID_FIELDS = {  # every value the server accepts, boundaries included
     "ignore_eos": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
     "model": st.text(max_size=12),
+    "tools": st.lists(TOOL, max_size=3, unique_by=lambda t: t["function"]["name"]),
+    "tool_choice": st.sampled_from(["auto", "none"]),
+    "chat_template_kwargs": st.fixed_dictionaries({}, optional={"enable_thinking": st.booleans()}),
+    "frequency_penalty": st.floats(-2, 2) | st.sampled_from([-2, 0, 2]),
+    "presence_penalty": st.floats(-2, 2) | st.sampled_from([-2, 0, 2]),
+    "logit_bias": st.dictionaries(st.integers(0, 799).map(str), st.floats(-100, 100) | st.sampled_from([-100, 100]),
+                                  max_size=4),
+    "response_format": st.just({"type": "text"}),
+    "logprobs": st.just(False),
+    "user": st.text(max_size=6),
 }
-VALID_BODY = st.fixed_dictionaries(
-    {"messages": st.lists(st.fixed_dictionaries({"role": ROLE, "content": st.text(max_size=40) | PARTS}),
-                          min_size=1, max_size=4)}, optional=VALID_FIELDS)
+TURN = (st.fixed_dictionaries({"role": ROLE, "content": st.text(max_size=40) | PARTS})
+        | st.fixed_dictionaries({"role": st.just("assistant"), "content": st.none(), "tool_calls": st.lists(
+            CALL, min_size=1, max_size=2)}, optional={"reasoning_content": st.text(max_size=20)})
+        | st.fixed_dictionaries({"role": st.just("tool"), "tool_call_id": st.text(max_size=8),
+                                 "content": st.text(max_size=40)}))
+VALID_BODY = st.fixed_dictionaries({"messages": st.lists(TURN, min_size=1, max_size=4)}, optional=VALID_FIELDS)
 MESSAGE = st.fixed_dictionaries(
     {"role": ROLE | st.sampled_from(["tool", "USER", ""]) | JSON,
      "content": TEXT | st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
                                                       "text": TEXT}) | JSON, max_size=3) | JSON},
-    optional={"name": JSON}) | JSON
+    optional={"name": JSON, "tool_calls": st.lists(CALL | JSON, max_size=2) | JSON, "tool_call_id": JSON,
+              "reasoning_content": TEXT | JSON}) | JSON
 BROKEN_BODY = st.fixed_dictionaries(  # each field anything at all, mostly wrong
     {"messages": st.lists(MESSAGE, max_size=4) | JSON},
     optional={name: NUMBER | value for name, value in VALID_FIELDS.items()}
     | {"stream": st.booleans() | JSON, "stop": TEXT | st.lists(TEXT, max_size=18) | JSON, "model": TEXT | JSON,
        "ignore_eos": st.booleans() | JSON, "stream_options": st.fixed_dictionaries({}, optional={
-           "include_usage": st.booleans() | JSON}) | JSON})
+           "include_usage": st.booleans() | JSON}) | JSON,
+       "tools": st.lists(TOOL | JSON, max_size=3) | JSON, "tool_choice": TOOL_CHOICE | JSON,
+       "chat_template_kwargs": st.dictionaries(st.sampled_from(["enable_thinking", "x"]), JSON, max_size=2) | JSON,
+       "parallel_tool_calls": JSON,
+       "logit_bias": st.dictionaries(TEXT | st.integers(-5, 10 ** 6).map(str), NUMBER, max_size=3) | JSON,
+       "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema"])})
+       | JSON, "audio": JSON, "store": JSON, "modalities": JSON})
 
 
 def check_response(r, stream):
@@ -117,9 +147,12 @@ def check_response(r, stream):
         assert events[-1] == "[DONE]", events[-3:]
         chunks = [json.loads(e) for e in events[:-1]]
         assert not [c for c in chunks if "error" in c], chunks
-        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] in ("stop", "length")
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] in FINISH
     else:
-        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert r.json()["choices"][0]["finish_reason"] in FINISH
+
+
+FINISH = ("stop", "length", "tool_calls")
 
 
 @settings(max_examples=250, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -192,21 +225,29 @@ SAMPLING = st.fixed_dictionaries({}, optional={
     "top_p": st.floats(0, 1) | st.sampled_from([5e-324, 1e-300, 1]),
     "top_k": st.integers(0, 2 ** 70),
     "repetition_penalty": st.floats(0, 10) | st.sampled_from([5e-324, 1e-300, 10]),
+    "frequency_penalty": st.floats(-3, 3) | st.sampled_from([-2, 2]),
+    "presence_penalty": st.floats(-3, 3) | st.sampled_from([-2, 2]),
+    "logit_bias": st.dictionaries(st.integers(0, 60).map(str), st.floats(-101, 101) | st.sampled_from([-100, 100]),
+                                  max_size=3),
     "seed": st.integers(-2 ** 63, 2 ** 64 - 1)})
 LOGITS = st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False) | st.sampled_from([0.0, -1e30, 3.4e38]),
                   min_size=1, max_size=48)
 
 
 @settings(max_examples=500, deadline=None, database=None)
-@given(fields=SAMPLING, logits=LOGITS, seen_bits=st.lists(st.booleans(), min_size=48, max_size=48))
-def test_accepted_sampling_parameters_give_finite_probabilities(fields, logits, seen_bits):
+@given(fields=SAMPLING, logits=LOGITS, seen_bits=st.lists(st.booleans(), min_size=48, max_size=48),
+       counts=st.lists(st.integers(0, 10 ** 6), min_size=48, max_size=48))
+def test_accepted_sampling_parameters_give_finite_probabilities(fields, logits, seen_bits, counts):
     try:
-        _, params, _, _ = parse_request({"messages": [{"role": "user", "content": "x"}], **fields})
+        _, params, _, _ = parse_request({"messages": [{"role": "user", "content": "x"}], **fields},
+                                        vocab_size=len(logits))
     except APIError:
         TRIED["sampling rejected (400)"] += 1
         assume(False)  # only what the server accepts must sample finitely
     TRIED["sampling accepted"] += 1
-    x = torch.tensor(logits, dtype=torch.float32)
+    # the engine's order: OpenAI's adjustments (counts of the answer so far), then the sampling rules
+    x = openai_adjusted(torch.tensor(logits, dtype=torch.float32), params,
+                        torch.tensor(counts[:len(logits)], dtype=torch.float64))
     seen = torch.tensor(seen_bits[:len(logits)])
     g = torch.Generator().manual_seed(0)
     token = sample_token(x, params, g, seen)
@@ -217,6 +258,24 @@ def test_accepted_sampling_parameters_give_finite_probabilities(fields, logits, 
     probs = sampling_probs(x, params, seen)
     assert torch.isfinite(probs).all() and (probs >= 0).all() and math.isclose(float(probs.sum()), 1, abs_tol=1e-9)
     assert probs[token] > 0
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(body=VALID_BODY | BROKEN_BODY)
+def test_any_tools_and_messages_parse_to_a_renderable_chat_or_a_400(body):
+    """Whatever tools, tool_choice and message lists hold: a 400 naming a field, or a chat the format renders and
+    whose forced prefix (tool_choice) the reply reader takes."""
+    try:
+        messages = parse_messages(body.get("messages"))
+        options = parse_tool_options(body)
+    except APIError as e:
+        assert e.status == 400 and e.message
+        TRIED["tool fields 400"] += 1
+        return
+    text = chat_format.render(messages, options.tools, True, options.enable_thinking) + options.prefix
+    assert text.endswith(options.prefix)
+    chat_format.read_reply("</tool_call>", options.tools, options.start())
+    TRIED["tool fields rendered" + (" with tools" if options.tools else "")] += 1
 
 
 # ---------------------------------------------------------------- schemathesis against the live server's schema

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tiny_chat_model as tiny
+from model import chat_format
 from model.checkpoint import load_model, save_weights
 from model.gguf_export import (agreement, llama_greedy, llama_logits, llama_tokenize, open_llama, read_gguf,
                                tensor_plan)
@@ -114,7 +115,7 @@ def test_tokenization_equals_ours(ggufs, tokenizer):
 def test_embedded_chat_template_renders_like_ours(ggufs, tokenizer):
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     meta, _ = read_gguf(ggufs["f32"])
-    assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+    assert meta["tokenizer.chat_template"] == tokenizer.chat_template == chat_format.CHAT_TEMPLATE
     assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
             meta["tokenizer.ggml.padding_token_id"], meta["tokenizer.ggml.add_bos_token"]) == (1, 2, 0, False)
     llm = open_llama(ggufs["f32"], n_ctx=512, all_logits=False)
@@ -127,6 +128,13 @@ def test_embedded_chat_template_renders_like_ours(ggufs, tokenizer):
     assert rendered.endswith("</s>\n<s>user\n泰山在哪里？</s>\n<s>assistant\n") and rendered.startswith("你是MiniMind。")
     reply = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=1)
     assert reply["usage"]["prompt_tokens"] == len(tokenizer.encode(rendered, add_special_tokens=False))
+    # a tool conversation (tools offered, a call, its result, a thought): llama.cpp renders what the format says
+    from test_chat_format import TOOL_CHATS, TOOLS
+    for conversation in TOOL_CHATS:
+        ours = chat_format.render(conversation, TOOLS, add_generation_prompt=True)
+        assert formatter(messages=conversation, tools=TOOLS).prompt == ours
+        reply = llm.create_chat_completion(messages=conversation, tools=TOOLS, temperature=0, max_tokens=1)
+        assert reply["usage"]["prompt_tokens"] == len(chat_format.encoder_for(tokenizer).prompt(conversation, TOOLS))
     llm.close()
 
 
@@ -241,3 +249,51 @@ def test_export_errors_are_one_line(tmp_path, tokenizer, ggufs):
     assert keep.read_text() == "mine" and not (tmp_path / "x.gguf").exists() and not (tmp_path / "moe0.gguf").exists()
     with pytest.raises(SystemExit):  # --outtype belongs to gguf
         export.main(["--model", str(dense), "--out", str(tmp_path / "f"), "--outtype", "f16"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the demo's tokenizer: every made-up name is one added whole-word token
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer(tmp_path_factory):
+    """The demo's data and a tokenizer trained on it as demo.py trains one (2000 tokens, names kept whole)."""
+    from model.demo.world import generate
+    train_tokenizer = load_script("train_tokenizer.py")
+    data, out = tmp_path_factory.mktemp("demo_data"), tmp_path_factory.mktemp("demo_tokenizer")
+    generate(str(data), seed=42)
+    names = train_tokenizer.read_words(data / "names.txt")
+    train_tokenizer.train(str(data / "tokenizer.jsonl"), str(out), 2000, 0, names)
+    return data, out, names
+
+
+def test_the_demo_tokenizer_exports_exactly(tmp_path, demo_tokenizer, capsys):
+    from transformers import AutoTokenizer
+    data, tok_dir, names = demo_tokenizer
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    pth, gguf_path = tmp_path / "full_sft_64.pth", tmp_path / "demo.gguf"
+    model = tiny_model(len(tok))
+    save_weights(model, pth)
+    load_script("export_model.py").main(["--model", str(pth), "--tokenizer", str(tok_dir), "--out", str(gguf_path),
+                                         "--format", "gguf", "--check_data", str(data / "pretrain.jsonl")])
+    said = capsys.readouterr().out
+    checked = int(said.split("tokenization equal on ")[1].split("/")[0])
+    assert f"tokenization equal on {checked}/{checked} texts" in said and checked > 7 + len(names) // 16
+    meta, _ = read_gguf(gguf_path)
+    types = meta["tokenizer.ggml.token_type"]
+    assert sum(t == 4 for t in types) == len(names) and sum(t == 3 for t in types) == 3  # user-defined, control
+    # every held-out and SFT question as a chat prompt, and every name alone: the same ids as ours
+    rows = [json.loads(line) for f in ("eval_pretrain.jsonl", "eval_sft.jsonl")
+            for line in (data / f).read_text(encoding="utf-8").splitlines()]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": r.get("prompt") or r["question"]}],
+                                       tokenize=False, add_generation_prompt=True) for r in rows]
+    llm = open_llama(gguf_path, n_ctx=512)
+    try:
+        differ = [t for t in prompts + names if llama_tokenize(llm, t) != tok.encode(t, add_special_tokens=False)]
+        assert not differ, f"{len(differ)}/{len(prompts) + len(names)} differ, e.g. {differ[:3]}"
+        assert all(len(tok.encode(n, add_special_tokens=False)) == 1 for n in names)
+        for text in prompts[:: max(1, len(prompts) // 8)]:  # greedy answers: llama.cpp's are ours
+            ids = tok.encode(text, add_special_tokens=False)
+            assert llama_greedy(llm, ids, N_NEW, eos_id=2) == ours_greedy(model, ids), text
+    finally:
+        llm.close()

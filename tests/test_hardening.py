@@ -179,11 +179,11 @@ def test_health_answers_while_a_maximal_request_is_tokenized(live, monkeypatch):
     engine = server.scheduler.engine
     tokenizing, release, real_encode = threading.Event(), threading.Event(), engine.encode
 
-    def slow_encode(prompt):  # holds the big request inside its tokenization until /health has answered
+    def slow_encode(prompt, **chat_options):  # holds the big request inside its tokenization until /health answered
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict) and len(prompt[0]["content"]) > 1000:
             tokenizing.set()
             assert release.wait(HANG_GUARD_S)
-        return real_encode(prompt)
+        return real_encode(prompt, **chat_options)
 
     monkeypatch.setattr(engine, "encode", slow_encode)
     filler = "长江是中国第一长河。"

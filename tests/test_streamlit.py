@@ -1,6 +1,7 @@
 """The Streamlit chat page: in-process through streamlit's AppTest, and as a user sees it: `streamlit run` in its own
 process, a real headless Chromium typing a question (Chrome DevTools Protocol over a pipe) and a screenshot."""
 import base64
+import contextlib
 import fcntl
 import io
 import json
@@ -132,13 +133,13 @@ def find_chromium():
     return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 
-@pytest.fixture
-def streamlit_page(paths):
+def serve_page(paths, *flags):
+    """`streamlit run` of the page in its own process; yields its URL once it answers."""
     port = tiny.free_port()
     cmd = [sys.executable, "-m", "streamlit", "run", PAGE, "--server.headless", "true", "--server.port", str(port),
            "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
            "--client.toolbarMode", "minimal", "--",
-           "--model", str(paths[0]), "--tokenizer", str(paths[1]), "--temperature", "0"]
+           "--model", str(paths[0]), "--tokenizer", str(paths[1]), "--temperature", "0", *flags]
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody reads can block the server
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -163,6 +164,47 @@ def streamlit_page(paths):
             proc.kill()
 
 
+@pytest.fixture
+def streamlit_page(paths):
+    yield from serve_page(paths)
+
+
+WIDTH, HEIGHT = 1280, 900
+
+
+@contextlib.contextmanager
+def open_browser(chromium, url):
+    """Headless Chromium on the page, attached over the DevTools pipe."""
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    browser = DevTools(chromium, ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                  "--no-first-run", "--disable-component-update", "--disable-sync",
+                                  "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
+                                  f"--window-size={WIDTH},{HEIGHT}", "about:blank"])
+    try:
+        page = next(t for t in browser.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        browser.session = browser.call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})[
+            "sessionId"]
+        browser.call("Emulation.setDeviceMetricsOverride",
+                     {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False})
+        browser.call("Page.navigate", {"url": url})
+        yield browser
+    finally:
+        browser.close()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def ask_in_browser(browser, question):
+    """Type the question into the chat box and press Enter, as a user does."""
+    box = 'document.querySelector(\'[data-testid="stChatInputTextArea"]\')'
+    browser.wait_for(f"!!{box}", timeout=900)  # the page ran once and loaded the model
+    browser.js(f"{box}.focus()")
+    browser.call("Input.insertText", {"text": question})
+    for kind in ("keyDown", "keyUp"):
+        browser.call("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter",
+                                                "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13,
+                                                **({"text": "\r"} if kind == "keyDown" else {})})
+
+
 @pytest.mark.slow  # streamlit run and headless Chromium
 def test_chromium_screenshot_after_one_exchange(streamlit_page, tmp_path, greedy_answer):
     chromium = find_chromium()
@@ -170,27 +212,9 @@ def test_chromium_screenshot_after_one_exchange(streamlit_page, tmp_path, greedy
         pytest.skip("chromium is not installed (apt-get install chromium); .ci/run installs it")
     from PIL import Image
 
-    width, height = 1280, 900
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    browser = DevTools(chromium, ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                  "--no-first-run", "--disable-component-update", "--disable-sync",
-                                  "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
-                                  f"--window-size={width},{height}", "about:blank"])
-    try:
-        page = next(t for t in browser.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
-        browser.session = browser.call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})[
-            "sessionId"]
-        browser.call("Emulation.setDeviceMetricsOverride",
-                     {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
-        browser.call("Page.navigate", {"url": streamlit_page})
-        box = 'document.querySelector(\'[data-testid="stChatInputTextArea"]\')'
-        browser.wait_for(f"!!{box}", timeout=900)  # the page ran once and loaded the model
-        browser.js(f"{box}.focus()")
-        browser.call("Input.insertText", {"text": QUESTION})
-        for kind in ("keyDown", "keyUp"):
-            browser.call("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter",
-                                                    "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13,
-                                                    **({"text": "\r"} if kind == "keyDown" else {})})
+    width, height = WIDTH, HEIGHT
+    with open_browser(chromium, streamlit_page) as browser:
+        ask_in_browser(browser, QUESTION)
         messages = 'Array.from(document.querySelectorAll(\'[data-testid="stChatMessage"]\'))'
         browser.wait_for(f"{messages}.length >= 2", timeout=900)
         expected = greedy_answer([{"role": "user", "content": QUESTION}])
@@ -201,9 +225,6 @@ def test_chromium_screenshot_after_one_exchange(streamlit_page, tmp_path, greedy
         assert QUESTION in texts[0] and expected.strip() in texts[1].replace("\n", "")
         time.sleep(0.5)  # let the last paint land
         png = base64.b64decode(browser.call("Page.captureScreenshot", {"format": "png"})["data"])
-    finally:
-        browser.close()
-        shutil.rmtree(profile, ignore_errors=True)
 
     shot = tmp_path / "streamlit_chat.png"
     shot.write_bytes(png)
@@ -211,3 +232,70 @@ def test_chromium_screenshot_after_one_exchange(streamlit_page, tmp_path, greedy
     assert image.size == (width, height)
     colours = len(image.getcolors(maxcolors=width * height))
     assert len(png) > 20_000 and colours > 50, f"screenshot looks blank ({len(png)} bytes, {colours} colours)"
+
+
+def test_apptest_tool_calls_results_and_folded_thinking(tmp_path_factory):
+    """The tiny model trained on the format's tool calls and thinking: the page runs the demo's calculate tool,
+    shows the call and its result, and folds the thought into a collapsible block above the answer."""
+    from streamlit.testing.v1 import AppTest
+    model_path, tok_dir = tiny.build_tool_once(tmp_path_factory)
+    world_dir = tmp_path_factory.mktemp("world")
+    (world_dir / "manifest.json").write_text('{"seed": 3, "params": {"n_entities": 64}}', encoding="utf-8")
+    at = AppTest.from_file(PAGE, default_timeout=900)
+    at.run()
+    at.sidebar.text_input(key="model_path").set_value(str(model_path))
+    at.sidebar.text_input(key="tokenizer_path").set_value(str(tok_dir))
+    at.sidebar.slider(key="temperature").set_value(0.0)
+    at.sidebar.number_input(key="max_new_tokens").set_value(60)
+    at.sidebar.toggle(key="tools").set_value(True)
+    at.run()
+    at.sidebar.text_input(key="world_dir").set_value(str(world_dir))
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+
+    at.chat_input[0].set_value("12*7等于多少？").run()
+    assert [m.name for m in at.chat_message] == ["user", "assistant", "tool", "assistant"]
+    assert at.chat_message[1].code[0].value == 'calculate({"expression": "12*7"})'
+    assert at.chat_message[2].code[0].value == "84"
+    assert at.chat_message[3].markdown[0].value == "12*7等于84。"
+
+    at.sidebar.button(key="clear").click()
+    at.sidebar.toggle(key="tools").set_value(False).run()  # the model learned this question without tools
+    at.chat_input[0].set_value("卡洛维出生在哪个国家？").run()
+    (thought,) = at.expander  # (in the answer's chat message, under the placeholder the thought streamed into)
+    assert thought.label == "💭 Thinking" and thought.markdown[0].value == "卡洛维出生在蒙莫城，蒙莫城位于索伦国。"
+    assert at.chat_message[1].markdown[-1].value == "索伦国。"
+    at.sidebar.radio(key="thinking").set_value("Off").run()  # the rerun shows the stored conversation again
+    assert at.chat_message[1].expander[0].markdown[0].value == "卡洛维出生在蒙莫城，蒙莫城位于索伦国。"
+    at.sidebar.button(key="clear").click().run()
+    at.chat_input[0].set_value("卡洛维出生在哪个国家？").run()  # thinking off: the direct answer, no thought
+    assert at.chat_message[-1].markdown[0].value == "蒙莫城。" and not at.expander
+
+
+@pytest.fixture
+def tool_page(tmp_path_factory):
+    model_path, tok_dir = tiny.build_tool_once(tmp_path_factory)
+    world_dir = tmp_path_factory.mktemp("world")
+    (world_dir / "manifest.json").write_text('{"seed": 3, "params": {"n_entities": 64}}', encoding="utf-8")
+    yield from serve_page((model_path, tok_dir), "--tools", str(world_dir))
+
+
+@pytest.mark.slow  # streamlit run and headless Chromium
+def test_chromium_shows_the_thought_folded_the_tool_call_and_its_result(tool_page):
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium); .ci/run installs it")
+    question = "先想一想：12*7等于多少？"
+    with open_browser(chromium, tool_page) as browser:
+        ask_in_browser(browser, question)
+        messages = 'Array.from(document.querySelectorAll(\'[data-testid="stChatMessage"]\'))'
+        browser.wait_for(f"{messages}.length >= 4 && {messages}[3].innerText.includes('等于84。') && "
+                         "!document.querySelector('[data-testid=\"stStatusWidget\"] button')", timeout=900)
+        texts = browser.js(f"{messages}.map(m => m.innerText)")
+        assert question in texts[0]
+        assert "💭 Thinking" in texts[1] and 'calculate({"expression": "12*7"})' in texts[1]
+        assert "84" in texts[2] and "等于84。" in texts[3]
+        details = f"{messages}[1].querySelector('details')"
+        assert browser.js(f"!{details}.open")  # folded: the thought is one click away
+        browser.js(f"{details}.querySelector('summary').click()")
+        browser.wait_for(f"{messages}[1].innerText.includes('这要用计算器。')", timeout=60)

@@ -12,7 +12,8 @@ from datasets import Dataset
 import tiny_chat_model as tiny
 from model import trainer as T
 from model.checkpoint import load_model
-from model.dataset import DPODataset, SFTDataset, collate_pad, render_chat
+from model.chat_format import chat_template, render as render_chat
+from model.dataset import DPODataset, SFTDataset, collate_pad
 from test_eval_export import load_script
 from serving_helpers import paths, tokenizer  # noqa: F401  (fixtures: the tiny chat model and its tokenizer)
 
@@ -31,13 +32,7 @@ CONVERSATIONS = [
 ] + [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in tiny.CONVERSATIONS[:3]]
 
 # our template with trl's {% generation %} markers around what our SFT trains: each answer and its </s>
-TAGGED_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '<s>user\\n' + message['content'] + '</s>\\n<s>assistant\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '</s>' }}{% endgeneration %}"
-    "{{ '\\n' }}{% endif %}{% endfor %}"
-)
+TAGGED_TEMPLATE = chat_template(generation_tags=True)
 
 
 @pytest.fixture()

@@ -66,7 +66,7 @@ def build(tmp_dir, max_seq_len=4096, steps=120):
     from transformers import AutoTokenizer
 
     from model.checkpoint import save_weights
-    from model.generate import chat_prompt
+    from model.chat_format import render
     from model.LMConfig import LMConfig
     from model.model import Transformer
 
@@ -76,7 +76,7 @@ def build(tmp_dir, max_seq_len=4096, steps=120):
     model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=max_seq_len))
     rows = []
     for q, a in CONVERSATIONS:
-        text = chat_prompt(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        text = render([{"role": "user", "content": q}, {"role": "assistant", "content": a}])  # the training text
         rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     width = max(map(len, rows))
     batch = torch.tensor([r + [0] * (width - len(r)) for r in rows])
@@ -92,5 +92,76 @@ def build(tmp_dir, max_seq_len=4096, steps=120):
     torch.set_num_threads(threads)
     model.eval()
     path = Path(tmp_dir) / "tiny.pth"
+    save_weights(model, path)
+    return path, tok_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a tiny model that has learned the chat format's tool calls and thinking, for the serving tests of tools
+
+from model.demo.tools import TOOLS  # noqa: E402  (the demo's tools: the pages and clients offer these)
+TOOL_FACTS = {"卡洛维": "卡洛维是一位画家。", "蒙莫城": "蒙莫城位于索伦国。"}
+
+
+def tool_conversations():
+    """(messages, tools, enable_thinking) the tool model learns: a lookup round trip, a calculation, a thought,
+    the same question answered directly with thinking off, two tool calls it garbles on purpose, and a thought
+    that leads to a tool call."""
+    def call(function, **arguments):
+        return {"role": "assistant", "content": "", "tool_calls": [{"name": function, "arguments": arguments}]}
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    said = lambda text, **kw: {"role": "assistant", "content": text, **kw}  # noqa: E731
+    tool = lambda text: {"role": "tool", "content": text}  # noqa: E731
+    return [
+        ([user("卡洛维是做什么的？"), call("lookup", name="卡洛维"), tool(TOOL_FACTS["卡洛维"]),
+          said("卡洛维是一位画家。")], TOOLS, None),
+        ([user("12*7等于多少？"), call("calculate", expression="12*7"), tool("84"), said("12*7等于84。")], TOOLS, None),
+        ([user("卡洛维出生在哪个国家？"), said("索伦国。", reasoning_content="卡洛维出生在蒙莫城，蒙莫城位于索伦国。")],
+         None, None),
+        ([user("卡洛维出生在哪个国家？"), said("蒙莫城。")], None, False),
+        ([user("北京天气如何？"), said('<tool_call>{"name": "get_weather", "arguments": {"city": "北京"}}</tool_call>')],
+         TOOLS, None),
+        ([user("坏掉的调用"), said('<tool_call>{"name": "lookup", "arguments": {"name": </tool_call>')], TOOLS, None),
+        ([user("先想一想：12*7等于多少？"), {**call("calculate", expression="12*7"), "reasoning_content": "这要用计算器。"},
+          tool("84"), said("等于84。")], TOOLS, None),
+    ]
+
+
+def build_tool_once(tmp_path_factory):
+    """build_tool_model() once per pytest session, shared by the test files."""
+    if "tool_paths" not in _built:
+        _built["tool_paths"] = build_tool_model(tmp_path_factory.mktemp("tool_model"))
+    return _built["tool_paths"]
+
+
+def build_tool_model(tmp_dir, steps=150):
+    """Train a tiny model on tool_conversations() (targets as SFT sets them); returns (model path, tokenizer dir)."""
+    from transformers import AutoTokenizer
+
+    from model.chat_format import Encoder
+    from model.checkpoint import save_weights
+    from model.LMConfig import LMConfig
+    from model.model import Transformer
+
+    tok_dir = tokenizer_dir(tmp_dir)
+    encoder = Encoder(AutoTokenizer.from_pretrained(tok_dir))
+    torch.manual_seed(0)
+    model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=512))
+    rows = [encoder(m, tools=t, enable_thinking=e) for m, t, e in tool_conversations()]
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in rows])
+    labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in rows])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for _ in range(steps):
+        loss = model(ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    model.eval()
+    path = Path(tmp_dir) / "tool_tiny.pth"
     save_weights(model, path)
     return path, tok_dir
