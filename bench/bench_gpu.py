@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench_train import build_reference, describe_machine, flops_per_token, load_average, matmul_flops  # noqa: E402
 from model.LMConfig import LMConfig, preset  # noqa: E402
+from model.device import DeviceError, resolve_device  # noqa: E402
 from model.model import Transformer  # noqa: E402
 
 # bf16 dense tensor-core peak from the datasheets (TFLOP/s, no sparsity); matched against the device name
@@ -54,12 +55,11 @@ def parse_args():
 
 
 def check_device(args):
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        sys.exit(f"bench_gpu.py: CUDA is not available (torch {torch.__version__}, {built}); this benchmark needs "
-                 "an NVIDIA GPU. To check the code path on CPU: python bench/bench_gpu.py --device cpu --dtype fp32 "
-                 "--tiny")
-    device = torch.device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as e:
+        sys.exit(f"bench_gpu.py: {e}. This benchmark needs an NVIDIA GPU; to check the code path on CPU: "
+                 "python bench/bench_gpu.py --device cpu --dtype fp32 --tiny")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
