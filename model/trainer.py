@@ -116,6 +116,9 @@ class Runtime:
                 deepspeed.init_distributed(dist_backend=backend)
             else:
                 dist.init_process_group(backend=backend)
+        # host-side agreements (stop on a signal) go over a CPU group: no wait for the GPU's queue
+        self.host_group = (dist.new_group(backend="gloo") if self.distributed and self.device.type == "cuda"
+                           else None)
         self.dtype_name = auto_dtype(self.device) if args.dtype == "auto" else args.dtype  # args stay as given
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype_name]
         if self.dtype == torch.float16 and self.device.type == "cpu":
@@ -124,11 +127,13 @@ class Runtime:
                          torch.autocast(device_type=self.device.type, dtype=self.dtype))
         self.is_main = self.rank == 0
 
-    def all_reduce_sum(self, values):
-        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        if self.distributed:
-            dist.all_reduce(t)
-        return t.tolist()
+    def any_rank(self, flag):
+        """Whether any rank's flag is set, agreed on the host (a CPU collective, never a GPU sync)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, group=self.host_group)
+        return bool(t[0] > 0)
 
     def barrier(self):
         if self.distributed:
@@ -189,6 +194,42 @@ def token_loss(model, batch, autocast):
 
 def token_count(batch):
     return int((next_token_targets(batch["labels"]) != IGNORE).sum())
+
+
+def input_tokens(batch):
+    """Real (non-padding) input tokens of a batch."""
+    return sum(int((v != 0).sum()) for k, v in batch.items() if k.endswith("input_ids"))
+
+
+HOST_COUNTS = "host_counts"  # the batch key of (loss count, input tokens), counted by the loader on the host
+
+
+class HostBatch:
+    """The collate step run in the loader's workers: the padded batch, plus under HOST_COUNTS the numbers the
+    step needs from it (count_fn's count and the real input tokens), counted on the host so that the step never
+    asks the GPU. count_fn None: no counts (a rollout replaces the batch; the step counts what it made)."""
+
+    def __init__(self, collate, count_fn):
+        self.collate, self.count_fn = collate, count_fn
+
+    def __call__(self, items):
+        batch = self.collate(items)
+        if self.count_fn is not None:
+            batch[HOST_COUNTS] = (self.count_fn(batch), input_tokens(batch))
+        return batch
+
+
+def quiet_worker(_worker_id):
+    """Loader workers leave Ctrl-C (sent to the whole foreground process group) to the training process, which
+    finishes its step (reading from them), saves and stops; they end when it closes its loader."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def default_workers(device, cpus=None):
+    """--num_workers by default: loader processes on a GPU (the model is not waiting on the CPU there); none on
+    CPU, where workers would take cores from the training maths (bench/bench_data.py measures both)."""
+    cpus = cpus or len(os.sched_getaffinity(0))
+    return min(4, max(cpus - 1, 0)) if device.type == "cuda" else 0
 
 
 # ----------------------------------------------------------------------------- training state
@@ -367,6 +408,9 @@ class Trainer:
                 self.wrapped = DistributedDataParallel(
                     model, device_ids=ids, find_unused_parameters=bool(getattr(model.config, "use_moe", False)))
         self.step, self.epoch, self.position, self.tokens_seen = 0, 0, 0, 0
+        workers = getattr(args, "num_workers", None)
+        self.num_workers = default_workers(runtime.device) if workers is None else workers
+        self._batches, self._batches_at = None, None
         self.saved_step = None
         self.resumed = False  # set when --resume found a state (its "previous" state is then this run's too)
         self.stop_requested = False
@@ -493,7 +537,7 @@ class Trainer:
     # -- the loop
 
     def _to_device(self, batch):
-        return {k: v.to(self.rt.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return {k: v.to(self.rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     @staticmethod
     def _cpu(pending):
@@ -502,22 +546,46 @@ class Trainer:
         batches, n_samples = pending
         return [({k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()}, w) for b, w in batches], n_samples
 
-    def _micro_batches(self, order):
-        """This rank's micro-batches of the current step: (batch, weight) with weight 0 for padding chunks."""
+    def _my_chunks(self, order, position):
+        """This rank's micro-batch index lists of the steps from `position` to the end of the epoch: (indices,
+        weight), weight 0 (and the epoch's first sample as a stand-in) for the empty chunks of a short last step."""
         rt, a = self.rt, self.args
-        chunks = step_chunks(order, self.position, self.global_batch, a.accumulation_steps * rt.world_size)
-        mine = [chunks[m * rt.world_size + rt.rank] for m in range(a.accumulation_steps)]
+        while position < len(order):
+            chunks = step_chunks(order, position, self.global_batch, a.accumulation_steps * rt.world_size)
+            for m in range(a.accumulation_steps):
+                chunk = chunks[m * rt.world_size + rt.rank]
+                yield (chunk, 1.0) if chunk else (order[:1].tolist(), 0.0)
+            position += self.global_batch
+
+    def _loader(self, order):
+        """This rank's micro-batches from the current position on, read, tokenized and collated ahead by
+        --num_workers processes into pinned memory; the same batches in the same order whatever the worker count,
+        so a resumed run sees exactly what the uninterrupted one saw."""
+        workers = self.num_workers
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=(c for c, _ in self._my_chunks(order, self.position)),
+            collate_fn=HostBatch(self.collate, None if self.rollout_fn else self.count_fn), num_workers=workers,
+            pin_memory=self.rt.device.type == "cuda", prefetch_factor=4 if workers else None,
+            worker_init_fn=quiet_worker if workers else None)
+        return zip(loader, (w for _, w in self._my_chunks(order, self.position)))
+
+    def _micro_batches(self, order):
+        """This rank's micro-batches of the current step on the device: (batch, weight) with weight 0 for padding
+        chunks."""
+        rt, a = self.rt, self.args
+        if self._batches is None or self._batches_at != (self.epoch, self.position):
+            self._batches = self._loader(order)  # a new epoch, a resume, or a position set from outside
         batches = []
-        for m, chunk in enumerate(mine):
-            real = len(chunk) > 0
-            items = [self.dataset[i] for i in (chunk if real else order[:1].tolist())]
-            batch = self._to_device(self.collate(items))
+        for m in range(a.accumulation_steps):
+            batch, weight = next(self._batches)
+            batch = self._to_device(batch)
             if self.rollout_fn is not None:
                 started = time.time()
                 batch = self.rollout_fn(self.model, batch, rollout_seed(a.seed, self.step, rt.rank, m))
                 self.rollout_seconds += time.time() - started
-            batches.append((batch, 1.0 if real else 0.0))
-        n_samples = sum(len(c) for c in chunks)
+            batches.append((batch, weight))
+        n_samples = len(order[self.position:self.position + self.global_batch])
+        self._batches_at = (self.epoch, self.position + n_samples)
         return batches, n_samples
 
     def fit(self):
@@ -535,25 +603,31 @@ class Trainer:
                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps in total, "
                  f"{sum(p.numel() for p in self.params) / 1e6:.3f}M trainable parameters, {rt.dtype_name} on {rt.device}")
         self.model.train()
-        t0, tokens_since, t_last = time.time(), 0, time.time()
+        t0, tokens_since, tokens_pending, t_last = time.time(), 0, 0, time.time()
         steps_at_start = self.step
         self.bar = progress_bar(self.stem, self.total_steps, self.step, enabled=rt.is_main)
         while self.step < self.total_steps and self.epoch < a.epochs:
             order = epoch_order(len(self.dataset), a.seed, self.epoch)
             while self.position < len(order) and self.step < self.total_steps:
-                metrics, n_tokens = self._train_step(order)
-                tokens_since += n_tokens
-                self.tokens_seen += n_tokens
+                step_metrics, n_tokens = self._train_step(order)
+                tokens_pending += n_tokens  # on the device when distributed: read on logging and saving steps
                 self.step += 1
                 self.bar.update(1)
-                if self.step % a.log_interval == 0 or self.step == self.total_steps or self.step == 1:
+                log = self.step % a.log_interval == 0 or self.step == self.total_steps or self.step == 1
+                stop = self._agree_to_stop()
+                if log or stop or self.step % a.save_interval == 0:
+                    n = int(tokens_pending)
+                    self.tokens_seen += n
+                    tokens_since += n
+                    tokens_pending = 0
+                if log:
+                    metrics = self._reduce_metrics(step_metrics)
                     now = time.time()
                     tok_s = tokens_since / max(now - t_last, 1e-9)
                     done = self.step - steps_at_start
                     eta = (now - t0) / max(done, 1) * (self.total_steps - self.step)
                     self._log(metrics, tok_s, eta)
                     tokens_since, t_last = 0, now
-                stop = self._agree_to_stop()
                 if self.step % a.save_interval == 0 or stop:
                     self.save()
                 if stop:
@@ -563,6 +637,7 @@ class Trainer:
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
         self.bar.close()
+        self.tokens_seen += int(tokens_pending)
         if self.saved_step != self.step:
             self.save()  # (a save at this very step already holds it; a second would overwrite the previous state)
         if rt.is_main:
@@ -573,11 +648,18 @@ class Trainer:
         return True
 
     def _agree_to_stop(self):
-        if not self.rt.distributed:
-            return self.stop_requested
-        return self.rt.all_reduce_sum([float(self.stop_requested)])[0] > 0
+        return self.rt.any_rank(self.stop_requested)
+
+    def _counts(self, batch, weight):
+        """(loss count, input tokens) of a micro-batch: the loader's host counts, or for a batch made on the
+        device (a rollout) counted there (a host sync, beside the many of sampling)."""
+        count, tokens = batch[HOST_COUNTS] if HOST_COUNTS in batch else (self.count_fn(batch), input_tokens(batch))
+        return count * weight, tokens * int(weight)
 
     def _train_step(self, order):
+        """One optimizer step. Returns its metrics still on the device (numbers only through _reduce_metrics) and
+        its input tokens over all ranks: an int, or a device tensor when distributed. No host sync in here for
+        loader batches (fp16's GradScaler makes one, to skip a step whose gradients overflowed)."""
         a, rt = self.args, self.rt
         started, self.rollout_seconds = time.time(), 0.0
         lr = lr_at(self.step, self.total_steps, a.learning_rate, a.warmup_iters)
@@ -586,13 +668,22 @@ class Trainer:
         if self.pending is None:
             self.pending = self._micro_batches(order)
         batches, n_samples = self.pending
-        local_count = sum(self.count_fn(b) * w for b, w in batches)
-        global_count = max(rt.all_reduce_sum([local_count])[0], 1.0)
+        counted = [self._counts(b, w) for b, w in batches]
+        local_count, n_tokens = sum(c for c, _ in counted), sum(t for _, t in counted)
+        if rt.distributed:  # summed on the device: the step goes on without waiting for the result
+            totals = torch.tensor([local_count, n_tokens], dtype=torch.float64, device=rt.device)
+            dist.all_reduce(totals)
+            global_count, n_tokens = totals[0].clamp(min=1.0), totals[1]
+            scale = (rt.world_size / global_count).float()
+        else:
+            global_count = max(local_count, 1)
+            scale = 1.0 / global_count
         # each micro-batch's loss is its summed loss over the global count, so gradients (averaged across
         # ranks by DDP/DeepSpeed) equal those of one process seeing the whole global batch
-        scale = rt.world_size / global_count
-        sums, counts = {"loss": 0.0}, {}
-        n_tokens = 0
+        sums, counts = {}, {}
+
+        def add(into, k, v, weight):
+            into[k] = into.get(k, 0.0) + torch.as_tensor(v, device=rt.device).detach().double() * weight
         for i, (batch, weight) in enumerate(batches):
             last = i == len(batches) - 1
             sync = nullcontext() if (last or not rt.distributed or self.ds_engine is not None) \
@@ -607,13 +698,11 @@ class Trainer:
                     self.ds_engine.step()
                 else:
                     self.scaler.scale(loss).backward()
-            sums["loss"] += float(loss_sum.detach()) * weight
-            for k, v in extra.items():  # a (sum, count) pair is averaged over its own count
+            for k, v in {"loss": loss_sum, **extra}.items():  # a (sum, count) pair is averaged over its own count
                 total, count = v if isinstance(v, tuple) else (v, None)
-                sums[k] = sums.get(k, 0.0) + float(total) * weight
+                add(sums, k, total, weight)
                 if count is not None:
-                    counts[k] = counts.get(k, 0.0) + float(count) * weight
-            n_tokens += sum(int((v != 0).sum()) for k, v in batch.items() if k.endswith("input_ids")) * int(weight)
+                    add(counts, k, count, weight)
         if self.ds_engine is None:
             if a.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -621,20 +710,28 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-        keys, own = sorted(sums), sorted(counts)
-        totals = rt.all_reduce_sum([sums[k] for k in keys] + [counts[k] for k in own] + [float(n_tokens)])
-        metrics = {k: v / global_count for k, v in zip(keys, totals)}
-        for k, c in zip(own, totals[len(keys):-1]):
-            metrics[k] = totals[keys.index(k)] / max(c, 1e-12)
-        metrics["lr"] = lr
+        times = {}
         if self.rollout_fn is not None:  # (rank 0's times)
-            metrics["rollout_s"] = self.rollout_seconds
-            metrics["step_s"] = time.time() - started
+            times = {"rollout_s": self.rollout_seconds, "step_s": time.time() - started}
         self.inner += 1
         if self.inner == self.reuse:
             self.position += n_samples
             self.pending, self.inner = None, 0
-        return metrics, int(totals[-1])
+        return (sums, counts, global_count, lr, times), n_tokens
+
+    def _reduce_metrics(self, step_metrics):
+        """A step's metrics as numbers, summed over ranks and divided by the global count (or a pair's own
+        count): a host sync, and a collective every rank joins, so fit() calls it on logging steps only."""
+        sums, counts, global_count, lr, times = step_metrics
+        keys, own = sorted(sums), sorted(counts)
+        values = torch.stack([sums[k] for k in keys] + [counts[k] for k in own])
+        if self.rt.distributed:
+            dist.all_reduce(values)
+        totals, count = values.tolist(), float(global_count)
+        metrics = {k: v / count for k, v in zip(keys, totals)}
+        for k, c in zip(own, totals[len(keys):]):
+            metrics[k] = totals[keys.index(k)] / max(c, 1e-12)
+        return {**metrics, "lr": lr, **times}
 
     def _log(self, metrics, tok_s, eta):
         if not self.rt.is_main:
