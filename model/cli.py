@@ -123,7 +123,12 @@ def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=
     p.add_argument("--fresh", action="store_true", help="start from the beginning even with --resume, replacing "
                    "the weights and states of an earlier run in --out_dir (the default without --resume)")
     p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config file, or a ZeRO stage number")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="weights and data order; dropout draws seed + rank")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: less memory, ~1/3 more compute")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the device's dense bf16/fp16 peak for the MFU "
+                   "in the log (default: from a table of known GPUs; none on CPU)")
     return p
 
 

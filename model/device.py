@@ -86,3 +86,14 @@ def flops_per_token(config, n_params, seq):
     """Training FLOPs per token for MFU: 6 N for the weight matmuls (forward + backward) plus 12 L T d for
     attention scores and values (the PaLM convention: full T x T, causal masking not subtracted)."""
     return 6 * n_params + 12 * config.n_layers * seq * config.dim
+
+
+def active_parameters(model):
+    """Parameters one token passes through: all of a dense model; a mixture of experts counts only its
+    num_experts_per_tok routed experts out of n_routed_experts (the shared ones always run)."""
+    total = sum(p.numel() for p in model.parameters())
+    config = model.config
+    if not getattr(config, "use_moe", False):
+        return total
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return total - routed + routed * config.num_experts_per_tok // config.n_routed_experts

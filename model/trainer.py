@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import random
+import resource
 import signal
 import sys
 import time
@@ -17,7 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import STAGE_SCRIPTS, CheckpointError, load_tensors, save_weights, weights_name
-from .device import DeviceError, cuda_dtype, enable_tf32, resolve_device, use_tf32
+from .device import (DeviceError, active_parameters, cuda_dtype, enable_tf32, flops_per_token, peak_tflops,
+                     resolve_device, use_tf32)
 from .files import atomic_write, first_line
 from .model import IGNORE, next_token_targets
 
@@ -384,10 +386,12 @@ class Trainer:
         if len(dataset) == 0:
             raise TrainError(f"{args.data_path}: the data file has no samples")
 
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed + runtime.rank)  # dropout differs per rank; the data order does not use it
         random.seed(args.seed)
         np.random.seed(args.seed)
         self.model = model.to(runtime.device)
+        if getattr(args, "grad_checkpointing", False):
+            model.activation_checkpointing_enable({"use_reentrant": False})
         params = [p for p in (trainable if trainable is not None else model.parameters()) if p.requires_grad]
         self.params = params
         self.global_batch = args.batch_size * args.accumulation_steps * runtime.world_size
@@ -395,18 +399,24 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * args.epochs * reuse
         if args.max_steps is not None:
             self.total_steps = min(self.total_steps, args.max_steps)
+        self.flops_per_token = flops_per_token(model.config, active_parameters(model), args.max_seq_len)
+        peak = getattr(args, "peak_tflops", None)
+        if peak is None and runtime.device.type == "cuda":
+            peak = peak_tflops(torch.cuda.get_device_name(runtime.device))
+        self.peak_flops = peak * 1e12 * runtime.world_size if peak else None  # MFU only against a known peak
         self.ds_engine = None
         if args.deepspeed:
             self._init_deepspeed(params)
         else:
-            self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+            self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0,
+                                               fused=runtime.device.type == "cuda")
             self.scaler = torch.amp.GradScaler(enabled=runtime.dtype == torch.float16)
-            self.wrapped = model
+            self.wrapped = torch.compile(model) if getattr(args, "compile", False) else model
             if runtime.distributed:
                 from torch.nn.parallel import DistributedDataParallel
                 ids = [runtime.device.index] if runtime.device.type == "cuda" else None
                 self.wrapped = DistributedDataParallel(
-                    model, device_ids=ids, find_unused_parameters=bool(getattr(model.config, "use_moe", False)))
+                    self.wrapped, device_ids=ids, find_unused_parameters=bool(getattr(model.config, "use_moe", False)))
         self.step, self.epoch, self.position, self.tokens_seen = 0, 0, 0, 0
         workers = getattr(args, "num_workers", None)
         self.num_workers = default_workers(runtime.device) if workers is None else workers
@@ -419,7 +429,6 @@ class Trainer:
     # -- set-up helpers
 
     def _init_deepspeed(self, params):
-        import deepspeed
         a, rt = self.args, self.rt
         if Path(a.deepspeed).is_file():
             config = json.loads(Path(a.deepspeed).read_text())
@@ -427,6 +436,12 @@ class Trainer:
             config = {"zero_optimization": {"stage": int(a.deepspeed)}}
         else:
             raise TrainError(f"--deepspeed {a.deepspeed}: neither a config file nor a ZeRO stage number")
+        if config.get("zero_optimization", {}).get("stage", 0) >= 3:
+            raise TrainError(f"--deepspeed {a.deepspeed}: ZeRO stage 3 is not supported (it partitions the weights "
+                             "across processes and the weights saved would be empty); use stage 1 or 2")
+        if getattr(a, "compile", False):
+            raise TrainError("--compile with --deepspeed is not supported; drop one of them")
+        import deepspeed
         config.update(train_micro_batch_size_per_gpu=a.batch_size, gradient_accumulation_steps=a.accumulation_steps,
                       gradient_clipping=a.grad_clip, zero_allow_untested_optimizer=True)
         config.pop("train_batch_size", None)
@@ -626,7 +641,7 @@ class Trainer:
                     tok_s = tokens_since / max(now - t_last, 1e-9)
                     done = self.step - steps_at_start
                     eta = (now - t0) / max(done, 1) * (self.total_steps - self.step)
-                    self._log(metrics, tok_s, eta)
+                    self._log({**metrics, **self._performance(tok_s)}, tok_s, eta)
                     tokens_since, t_last = 0, now
                 if self.step % a.save_interval == 0 or stop:
                     self.save()
@@ -733,6 +748,18 @@ class Trainer:
             metrics[k] = totals[keys.index(k)] / max(c, 1e-12)
         return {**metrics, "lr": lr, **times}
 
+    def _performance(self, tok_s):
+        """MFU (model FLOPs of the real tokens per second over the devices' peak, when it is known) and this
+        process's peak memory: what the GPU holds at most, or on CPU the resident set."""
+        out = {}
+        if self.peak_flops:
+            out["mfu"] = tok_s * self.flops_per_token / self.peak_flops
+        if self.rt.device.type == "cuda":
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
+        else:
+            out["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return out
+
     def _log(self, metrics, tok_s, eta):
         if not self.rt.is_main:
             return
@@ -748,8 +775,9 @@ class Trainer:
         extra = "".join(f" {k} {metrics[k]:.4f}" for k in self.metric_names if k in metrics)
         self.bar.set_postfix_str(f"loss {metrics['loss']:.4f}{extra} {tok_s:.0f} tok/s", refresh=False)
         self.bar.write(f"{self.stem} step {self.step}/{self.total_steps} epoch {self.epoch + 1}/{self.args.epochs} "
-                       f"loss {metrics['loss']:.4f}{extra} lr {metrics['lr']:.3e} {tok_s:.0f} tok/s "
-                       f"eta {eta / 60:.1f} min", file=sys.stdout)
+                       f"loss {metrics['loss']:.4f}{extra} lr {metrics['lr']:.3e} {tok_s:.0f} tok/s"
+                       + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
+                       + f" mem {metrics['peak_mem_gib']:.2f} GiB eta {eta / 60:.1f} min", file=sys.stdout)
         sys.stdout.flush()
         if self.wandb is not None:
             self.wandb.log(record, step=self.step)

@@ -20,9 +20,9 @@ VOCAB = 97
 class Rows(torch.utils.data.Dataset):
     """Deterministic variable-length token rows (a fresh object per item, as a real dataset returns)."""
 
-    def __init__(self, n=40, seed=0):
+    def __init__(self, n=40, seed=0, length=None):
         g = torch.Generator().manual_seed(seed)
-        self.rows = [torch.randint(3, VOCAB, (int(torch.randint(8, 24, (1,), generator=g)),), generator=g)
+        self.rows = [torch.randint(3, VOCAB, (length or int(torch.randint(8, 24, (1,), generator=g)),), generator=g)
                      for _ in range(n)]
 
     def __len__(self):
@@ -104,3 +104,81 @@ def test_default_workers_only_on_gpu():
     assert T.default_workers(torch.device("cpu"), cpus=16) == 0
     assert T.default_workers(torch.device("cuda", 0), cpus=16) == 4
     assert T.default_workers(torch.device("cuda", 0), cpus=2) == 1
+
+
+def test_dropout_differs_per_rank_but_the_data_does_not(tmp_path):
+    """Each rank draws its own dropout masks (seed + rank); the split of the global order is the same rule."""
+    masks, chunks = [], []
+    for rank in (0, 1):
+        t = make_trainer(tmp_path / str(rank), "--batch_size", "2", rank=rank, dropout=0.5)
+        t.rt.world_size = 2
+        t.global_batch = 4
+        ids = torch.arange(3, 19).view(2, 8)
+        masks.append(t.model.train()(input_ids=ids).logits)
+        order = T.epoch_order(len(t.dataset), t.args.seed, 0)
+        chunks.append([c for c, _ in t._my_chunks(order, 0)])
+    assert not torch.equal(masks[0], masks[1])
+    assert chunks[0] != chunks[1]
+    order = T.epoch_order(40, 1337, 0).tolist()
+    assert [i for pair in zip(chunks[0], chunks[1]) for c in pair for i in c] == order
+
+
+def test_grad_checkpointing_recomputes_and_matches(tmp_path):
+    grads, forwards = [], []
+    for flags in ((), ("--grad_checkpointing",)):
+        t = make_trainer(tmp_path / str(len(flags)), *flags)
+        calls = []
+        t.model.layers[0].attention.register_forward_hook(lambda *a: calls.append(1))
+        batch = collate_pad([t.dataset[i] for i in range(4)])
+        loss, _, _ = T.token_loss(t.model.train(), batch, t.rt.autocast)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in t.model.named_parameters()})
+        forwards.append(len(calls))
+    assert forwards == [1, 2]  # the checkpointed block ran its forward again in the backward pass
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-6)
+
+
+def test_mfu_and_peak_memory_reach_the_log_and_the_metrics(tmp_path, capsys):
+    t = make_trainer(tmp_path, "--log_interval", "1", "--max_steps", "2", "--peak_tflops", "0.001")
+    t.fit()
+    rows = metrics(tmp_path)
+    out = capsys.readouterr().out
+    assert all(r["mfu"] > 0 and r["peak_mem_gib"] > 0 for r in rows)
+    n = sum(p.numel() for p in t.model.parameters())
+    assert rows[-1]["mfu"] == pytest.approx(rows[-1]["tokens_per_s"] * (6 * n + 12 * 2 * 32 * 32) / 1e9, rel=1e-3)
+    assert " mfu " in out and " GiB " in out
+    # without a known peak (any CPU) no MFU is claimed
+    t = make_trainer(tmp_path / "cpu", "--log_interval", "1", "--max_steps", "1")
+    t.fit()
+    assert "mfu" not in metrics(tmp_path / "cpu")[0]
+
+
+def test_active_parameters_of_a_mixture_of_experts():
+    from model.device import active_parameters
+    dense = Transformer(LMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB))
+    moe = Transformer(LMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, use_moe=True))
+    assert active_parameters(dense) == sum(p.numel() for p in dense.parameters())
+    c = moe.config
+    expert = sum(p.numel() for p in moe.layers[0].feed_forward.experts[0].parameters())
+    idle = c.n_layers * expert * (c.n_routed_experts - c.num_experts_per_tok)
+    assert active_parameters(moe) == sum(p.numel() for p in moe.parameters()) - idle
+
+
+def test_zero3_is_refused_in_one_line(tmp_path):
+    with pytest.raises(T.TrainError, match="ZeRO stage 3 is not supported"):
+        make_trainer(tmp_path, "--deepspeed", "3")
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels for the CPU: tens of seconds
+def test_compile_trains_like_eager(tmp_path):
+    losses = {}
+    for flags in ((), ("--compile",)):
+        out = tmp_path / str(len(flags))
+        # rows of one length: one compiled graph
+        t = make_trainer(out, "--log_interval", "1", "--max_steps", "3", "--batch_size", "8", *flags,
+                         dataset=Rows(length=16))
+        t.fit()
+        losses[flags] = [r["loss"] for r in metrics(out)]
+    assert losses[()] == pytest.approx(losses[("--compile",)], rel=1e-4)
+    assert len(set(losses[()])) == 3  # the weights changed between the steps compared
