@@ -182,3 +182,97 @@ def test_compile_trains_like_eager(tmp_path):
         losses[flags] = [r["loss"] for r in metrics(out)]
     assert losses[()] == pytest.approx(losses[("--compile",)], rel=1e-4)
     assert len(set(losses[()])) == 3  # the weights changed between the steps compared
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def tiny_engine(batched, max_batch=6):
+    from model.generate import Engine
+    torch.manual_seed(0)
+    model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=300, max_seq_len=64))
+    return Engine(model.eval(), None, max_batch=max_batch, batched_sampling=batched)
+
+
+def mixed_requests(engine):
+    from model.generate import SamplingParams
+    params = [dict(temperature=0), dict(temperature=0.8, seed=1), dict(temperature=0, repetition_penalty=1.3),
+              dict(temperature=1.2, top_k=20, seed=2), dict(temperature=0.9, top_p=0.5, seed=3, repetition_penalty=2),
+              dict(temperature=0.5, seed=4)]
+    return [engine.prepare(list(range(3, 3 + n)), SamplingParams(max_new_tokens=12, ignore_eos=True, **p))
+            for n, p in zip((5, 17, 9, 2, 12, 7), params)]
+
+
+def test_batched_sampling_picks_the_row_by_row_tokens_with_one_transfer_per_step(monkeypatch):
+    """The GPU path (every row's token in one host transfer) draws exactly what the CPU path draws."""
+    answers = {}
+    for batched in (False, True):
+        engine = tiny_engine(batched)
+        reqs = mixed_requests(engine)
+        engine.add_many(reqs)
+        transfers = []
+        for name in ("tolist", "item", "__int__", "__float__", "__bool__"):
+            real = getattr(torch.Tensor, name)
+
+            def counted(self, *a, _real=real, _name=name, **k):
+                if sys._getframe(1).f_code.co_filename.endswith("generate.py"):
+                    transfers.append(_name)
+                return _real(self, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        per_step = []
+        while engine.active:
+            transfers.clear()
+            engine.step()
+            per_step.append(len(transfers))
+        monkeypatch.undo()
+        answers[batched] = [r.token_ids for r in reqs]
+        if batched:
+            assert set(per_step) == {1}, per_step
+        else:
+            assert per_step[0] >= len(reqs)  # row by row: at least one per row
+    assert answers[True] == answers[False]
+
+
+def test_batched_sampling_fails_a_nan_row_alone():
+    from model.generate import pick_tokens
+    engine = tiny_engine(True)
+    reqs = mixed_requests(engine)[:3]
+    logits = torch.randn(3, 300)
+    logits[1, 7] = float("nan")
+    picked = pick_tokens(reqs, logits)
+    assert isinstance(picked[1], FloatingPointError)
+    assert picked[0] == int(logits[0].argmax()) and isinstance(picked[2], int)
+
+
+def test_prefill_asks_sdpa_for_causal_attention_without_a_mask(monkeypatch):
+    """Flash attention takes no mask: prefill must reach SDPA with is_causal and attn_mask None."""
+    import torch.nn.functional as F
+    from model.generate import SamplingParams
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        seen.append((attn_mask is None, is_causal, q.shape[-2]))
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    engine = tiny_engine(False)
+    engine.add_many([engine.prepare(list(range(3, 3 + n)), SamplingParams(max_new_tokens=4)) for n in (9, 5)])
+    assert seen == [(True, True, 9)] * 2  # one call per layer, the whole padded prompt at once
+
+
+def test_serving_weights_are_half_precision_on_a_gpu(monkeypatch, tmp_path):
+    """load_model_and_tokenizer on a (simulated) Ampere GPU asks for bf16 weights, on a T4 for fp16; CPU fp32."""
+    from model import checkpoint
+    asked = []
+    monkeypatch.setattr(checkpoint, "load_model", lambda path, device, dtype, **k: asked.append((device, dtype))
+                        or SimpleNamespace(config=SimpleNamespace(vocab_size=10 ** 6)))
+    monkeypatch.setattr(checkpoint, "load_tokenizer_dir", lambda *a: None)
+    args = SimpleNamespace(model="m.pth", tokenizer="t", dim=None, n_layers=None, use_moe=None, device="cpu")
+    checkpoint.load_model_and_tokenizer(args)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for capability in ((8, 0), (7, 5)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        checkpoint.load_model_and_tokenizer(SimpleNamespace(**{**vars(args), "device": "cuda"}))
+    assert asked == [(torch.device("cpu"), None), (torch.device("cuda", 0), torch.bfloat16),
+                     (torch.device("cuda", 0), torch.float16)]
