@@ -604,6 +604,13 @@ class Trainer:
         return batches, n_samples
 
     def fit(self):
+        """Train to the end (True), or until a signal stops the run with its state saved (False)."""
+        try:
+            return self._fit()
+        finally:
+            self._batches = None  # the loader's workers end now
+
+    def _fit(self):
         a, rt = self.args, self.rt
         if a.resume and not getattr(a, "fresh", False):
             self.try_resume()

@@ -187,11 +187,11 @@ def test_compile_trains_like_eager(tmp_path):
 # ----------------------------------------------------------------------------- serving
 
 
-def tiny_engine(batched, max_batch=6):
+def tiny_engine(batched, max_batch=6, **to):
     from model.generate import Engine
     torch.manual_seed(0)
     model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=300, max_seq_len=64))
-    return Engine(model.eval(), None, max_batch=max_batch, batched_sampling=batched)
+    return Engine(model.eval().to(**to), None, max_batch=max_batch, batched_sampling=batched)
 
 
 def mixed_requests(engine):
@@ -276,3 +276,35 @@ def test_serving_weights_are_half_precision_on_a_gpu(monkeypatch, tmp_path):
         checkpoint.load_model_and_tokenizer(SimpleNamespace(**{**vars(args), "device": "cuda"}))
     assert asked == [(torch.device("cpu"), None), (torch.device("cuda", 0), torch.bfloat16),
                      (torch.device("cuda", 0), torch.float16)]
+
+
+CTRL_C_RUN = """
+import sys
+sys.path.insert(0, "tests")
+from test_gpu_path import make_trainer, Rows
+t = make_trainer(sys.argv[1], "--log_interval", "1", "--max_steps", "100000", "--epochs", "100000",
+                 "--num_workers", "2", "--save_interval", "100000", dataset=Rows(n=400))
+print("finished" if t.fit() else "stopped", flush=True)
+"""
+
+
+@pytest.mark.slow  # a training process and its loader workers
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_process_group_still_saves(tmp_path, signum):
+    """Ctrl-C (or a scheduler's SIGTERM) signals every process of the group, loader workers included: they must
+    not die under the training process, which finishes its step, saves its state and stops."""
+    import os
+    import signal
+    import subprocess
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_RUN, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if " step 3/" in line:
+            os.killpg(proc.pid, getattr(signal, signum))
+            break
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, out[-3000:]
+    assert "stopped by signal" in out and out.strip().endswith("stopped"), out[-3000:]
+    assert (tmp_path / "m.state.pt").exists()
