@@ -225,21 +225,24 @@ def engine_loader_rate(dataset, count_fn, workers, args):
     return tokens / took, n / took, first
 
 
+def pair_count(batch):
+    """DPO's count: preference pairs (5-dpo_train.py's count_fn)."""
+    return batch["chosen_input_ids"].shape[0]
+
+
 def engine_loaders(args, tokenizer):
+    from model import trainer as T
     from model.dataset import DPODataset, SFTDataset
     workers = [int(w) for w in args.engine_workers.split(",")]
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as folder:
         sft, dpo = write_chats(folder, args.chats)
-        print(f"
-engine loader: {args.chats:,} synthetic chats each, micro-batch {args.engine_batch}, max_seq_len "
+        print(f"\nengine loader: {args.chats:,} synthetic chats each, micro-batch {args.engine_batch}, max_seq_len "
               f"{args.max_seq_len}; about {args.engine_seconds:.0f} s per row ({os.cpu_count()} CPUs here)")
-        for name, ds, count_fn in (("sft", SFTDataset(sft, tokenizer, args.max_seq_len), None),
-                                   ("dpo", DPODataset(dpo, tokenizer, args.max_seq_len),
-                                    lambda b: b["chosen_input_ids"].shape[0])):
-            from model import trainer as T
+        for name, ds, count_fn in (("sft", SFTDataset(sft, tokenizer, args.max_seq_len), T.token_count),
+                                   ("dpo", DPODataset(dpo, tokenizer, args.max_seq_len), pair_count)):
             rates = {}
             for w in workers:
-                tok_s, batch_s, first = engine_loader_rate(ds, count_fn or T.token_count, w, args)
+                tok_s, batch_s, first = engine_loader_rate(ds, count_fn, w, args)
                 rates[w] = tok_s
                 print(f"  {name} num_workers {w}: {tok_s:12,.0f} real tokens/s, {batch_s:8,.1f} batches/s "
                       f"(first batch after {first:.3f} s)")
