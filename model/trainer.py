@@ -147,8 +147,9 @@ class Runtime:
 
 
 def auto_dtype(device):
-    """bf16 where the hardware computes it natively (GPUs: sm_80 and newer, else fp16); on CPUs without bf16 units it is emulated and many times
-    slower than fp32 (measured: a 2048x256x6400 matmul 33x slower on an AVX2-only CPU)."""
+    """bf16 where the hardware computes it natively (GPUs: sm_80 and newer, else fp16); on CPUs without bf16
+    units it is emulated and many times slower than fp32 (measured: a 2048x256x6400 matmul 33x slower on an
+    AVX2-only CPU)."""
     if device.type == "cuda":
         return cuda_dtype(torch.cuda.get_device_capability(device))
     try:
