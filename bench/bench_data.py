@@ -216,8 +216,8 @@ def engine_loader_rate(dataset, count_fn, workers, args):
     next(it)
     first, tokens, n = time.perf_counter() - t, 0, 0
     t = time.perf_counter()
-    for _batch, _count, batch_tokens in it:
-        tokens, n = tokens + batch_tokens, n + 1
+    for batch in it:
+        tokens, n = tokens + batch[T.HOST_COUNTS][1], n + 1
         if time.perf_counter() - t >= args.engine_seconds:
             break
     took = time.perf_counter() - t
