@@ -1,4 +1,9 @@
-"""Pretraining data loading against what training consumes: the loader must outrun the model (>= 20x) in flat memory."""
+"""Data loading against what training consumes: the pretraining loader must outrun the model (>= 20x) in flat
+memory; and the engine's own loader (Trainer._loader's DataLoader and collate step) on SFT and DPO chats, in the
+training process (--num_workers 0) against worker processes.
+
+    python bench/bench_data.py                                # 2 GB pretraining corpus, then SFT and DPO loaders
+    python bench/bench_data.py --engine_workers 0,2,4 --chats 20000"""
 import argparse
 import json
 import os
@@ -24,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGET_RATIO, TARGET_RSS_MB = 20, 300
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gb", type=float, default=2.0, help="size of the synthetic corpus in GB (1e9 bytes)")
     p.add_argument("--corpus", default=None, help="reuse this JSONL {'text': ...} file instead of generating one")
     p.add_argument("--fresh_index", action="store_true", help="delete CORPUS.idx first, so the index build is timed")
@@ -41,7 +46,11 @@ def parse_args():
     p.add_argument("--train_seq", type=int, default=512)
     p.add_argument("--train_steps", type=int, default=3, help="timed training steps (after one warmup step)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    return p.parse_args()
+    p.add_argument("--chats", type=int, default=4000, help="synthetic SFT chats and DPO pairs for the engine loader")
+    p.add_argument("--engine_workers", default="0,2", help="comma list of --num_workers for the engine loader")
+    p.add_argument("--engine_batch", type=int, default=32, help="micro-batch of the engine loader (SFT's default)")
+    p.add_argument("--engine_seconds", type=float, default=4.0, help="time per engine loader measurement")
+    return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------- the corpus
@@ -168,6 +177,80 @@ def train_rate(args):
     return n_params, args.train_batch * args.train_seq / min(times), times
 
 
+# ---------------------------------------------------------------------------------------------- SFT and DPO
+
+def write_chats(folder, n, seed=0):
+    """n SFT chats (one to three turns) and n DPO pairs (a shared question, two answers) from the sentence pool."""
+    rng = random.Random(seed)
+    pool = sentence_pool(rng)
+
+    def turn():
+        return ({"role": "user", "content": "".join(rng.choices(pool, k=rng.randint(1, 2)))},
+                {"role": "assistant", "content": "".join(rng.choices(pool, k=rng.randint(1, 6)))})
+    sft, dpo = Path(folder) / "sft.jsonl", Path(folder) / "dpo.jsonl"
+    with open(sft, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"conversations": [m for _ in range(rng.randint(1, 3)) for m in turn()]},
+                               ensure_ascii=False) + "\n")
+    with open(dpo, "w") as f:
+        for _ in range(n):
+            question, answer = turn()
+            other = {"role": "assistant", "content": "".join(rng.choices(pool, k=rng.randint(1, 6)))}
+            f.write(json.dumps({"chosen": [question, answer], "rejected": [question, other]}, ensure_ascii=False)
+                    + "\n")
+    return sft, dpo
+
+
+def engine_loader_rate(dataset, count_fn, workers, args):
+    """Real tokens/s of the engine's loader: the epoch order's micro-batches through its collate step (padding,
+    the counts the step needs), from the first batch on (worker start-up is timed separately)."""
+    from model import trainer as T
+    from model.dataset import collate_pad
+    order = T.epoch_order(len(dataset), 1337, 0)
+    batches = (order[i:i + args.engine_batch].tolist() for i in range(0, len(order), args.engine_batch))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=T.HostBatch(collate_pad, count_fn),
+                                         prefetch_factor=4 if workers else None)
+    t = time.perf_counter()
+    it = iter(loader)
+    next(it)
+    first, tokens, n = time.perf_counter() - t, 0, 0
+    t = time.perf_counter()
+    for batch in it:
+        tokens, n = tokens + batch[T.HOST_COUNTS][1], n + 1
+        if time.perf_counter() - t >= args.engine_seconds:
+            break
+    took = time.perf_counter() - t
+    del it, loader
+    return tokens / took, n / took, first
+
+
+def pair_count(batch):
+    """DPO's count: preference pairs (5-dpo_train.py's count_fn)."""
+    return batch["chosen_input_ids"].shape[0]
+
+
+def engine_loaders(args, tokenizer):
+    from model import trainer as T
+    from model.dataset import DPODataset, SFTDataset
+    workers = [int(w) for w in args.engine_workers.split(",")]
+    with tempfile.TemporaryDirectory(dir=args.tmpdir) as folder:
+        sft, dpo = write_chats(folder, args.chats)
+        print(f"\nengine loader: {args.chats:,} synthetic chats each, micro-batch {args.engine_batch}, max_seq_len "
+              f"{args.max_seq_len}; about {args.engine_seconds:.0f} s per row ({os.cpu_count()} CPUs here)")
+        for name, ds, count_fn in (("sft", SFTDataset(sft, tokenizer, args.max_seq_len), T.token_count),
+                                   ("dpo", DPODataset(dpo, tokenizer, args.max_seq_len), pair_count)):
+            rates = {}
+            for w in workers:
+                tok_s, batch_s, first = engine_loader_rate(ds, count_fn, w, args)
+                rates[w] = tok_s
+                print(f"  {name} num_workers {w}: {tok_s:12,.0f} real tokens/s, {batch_s:8,.1f} batches/s "
+                      f"(first batch after {first:.3f} s)")
+            base = rates[workers[0]]
+            print(f"  ratio {name} workers/in-process: " + ", ".join(
+                f"{w} -> {rates[w] / base:.2f}x" for w in workers[1:]))
+
+
 def main():
     args = parse_args()
     sys.stdout.reconfigure(line_buffering=True)
@@ -225,6 +308,8 @@ def main():
           f"of its time for data if loading is not overlapped")
     print(f"RSS growth: +{r['peak']:.0f} MB on a {r['size_gb']:.3f} GB corpus (target < {TARGET_RSS_MB} MB: "
           f"{'met' if r['peak'] < TARGET_RSS_MB else 'MISSED'})")
+    if args.chats:
+        engine_loaders(args, tokenizer)
     print(f"load at end: {load_average()}")
 
 

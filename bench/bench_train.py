@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from model.LMConfig import LMConfig  # noqa: E402
+from model.device import flops_per_token  # noqa: E402
 from model.model import Transformer  # noqa: E402
 
 
@@ -117,12 +118,6 @@ def matmul_flops(n, dtype, budget_s=3.0):
         if spent > budget_s:
             break
     return 2 * n ** 3 / best
-
-
-def flops_per_token(config: LMConfig, n_params: int, seq: int):
-    """6 N for the weight matmuls (forward + backward) plus 12 L T d for attention scores and values
-    (the PaLM convention: full T x T, causal masking not subtracted)."""
-    return 6 * n_params + 12 * config.n_layers * seq * config.dim
 
 
 CATEGORIES = (  # (label, substrings of aten op names), first match wins

@@ -200,6 +200,13 @@ def load_tokenizer_dir(folder, vocab_size=None):
 
 
 def load_model_and_tokenizer(args):
-    """Model (eval mode, on args.device) and tokenizer from the flags of add_model_args."""
-    model = load_model(args.model, device=args.device, dim=args.dim, n_layers=args.n_layers, use_moe=args.use_moe)
+    """Model (eval mode, on args.device) and tokenizer from the flags of add_model_args. On a GPU the weights are
+    bf16 (fp16 where bf16 is not native): half the memory, and prefill runs SDPA's flash kernel."""
+    from .device import cuda_dtype, resolve_device
+    device = resolve_device(args.device)
+    dtype = None
+    if device.type == "cuda":
+        dtype = getattr(torch, cuda_dtype(torch.cuda.get_device_capability(device)))
+    model = load_model(args.model, device=device, dtype=dtype, dim=args.dim, n_layers=args.n_layers,
+                       use_moe=args.use_moe)
     return model, load_tokenizer_dir(args.tokenizer, model.config.vocab_size)

@@ -102,8 +102,9 @@ def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=
                    "GPUs and on CPUs with bf16 matrix units (AMX/AVX512-BF16), float32 elsewhere")
     p.add_argument("--use_wandb", action="store_true")
     p.add_argument("--wandb_project", default="MiniMind")
-    p.add_argument("--num_workers", type=int, default=0, help="kept for the seed's commands; samples are read in "
-                   "the training process, which outruns training many times over (bench/bench_data.py)")
+    p.add_argument("--num_workers", type=int, default=None, help="loader processes that read, tokenize and "
+                   "collate the next batches while the current one trains (default: min(4, CPUs - 1) on a GPU, "
+                   "0 on CPU; bench/bench_data.py measures both)")
     p.add_argument("--data_path", default=data_path)
     add_tokenizer_arg(p)
     p.add_argument("--ddp", action="store_true", help="kept for the seed's commands; distributed mode is "
@@ -126,7 +127,12 @@ def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=
                    "(data, batch_size, accumulation_steps, seed, learning_rate, warmup_iters, epochs, grad_clip, "
                    "max_seq_len; or all); any other change stops --resume with a line naming it")
     p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config file, or a ZeRO stage number")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="weights and data order; dropout draws seed + rank")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps, then faster)")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: less memory, ~1/3 more compute")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the device's dense bf16/fp16 peak for the MFU "
+                   "in the log (default: from a table of known GPUs; none on CPU)")
     return p
 
 

@@ -280,23 +280,24 @@ def _stop_prefix_len(text, stops):
 FINITE = 1e300  # penalised logits are clamped to +-FINITE: far inside float64, so differences stay finite
 
 
-def penalized_logits(logits, params, seen=None):
+def penalized_logits(logits, params, seen=None, check=True):
     """One row of logits in float64 after the repetition penalty (divide positive, multiply negative logits of
-    the tokens in `seen`), clamped to a finite range: no penalty, however extreme, can make an inf."""
+    the tokens in `seen`), clamped to a finite range: no penalty, however extreme, can make an inf.
+    check=False leaves the NaN test (a host sync) to the caller."""
     x = logits.to(torch.float64, copy=True)
-    if torch.isnan(x).any():
+    if check and torch.isnan(x).any():
         raise FloatingPointError("the model produced NaN logits")
     if params.repetition_penalty != 1.0 and seen is not None:
-        picked = x[seen]
-        x[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+        p = params.repetition_penalty
+        x = torch.where(seen, torch.where(x > 0, x / p, x * p), x)
     return x.clamp_(-FINITE, FINITE)
 
 
-def sampling_probs(logits, params, seen=None):
+def sampling_probs(logits, params, seen=None, check=True):
     """The distribution a sampled token is drawn from (temperature > 0): repetition penalty, temperature, top-k,
     top-p. Float64, finite and summing to 1 for any accepted SamplingParams: the best logit is shifted to 0
     before dividing by the temperature, so exp() never overflows and the best token keeps weight 1."""
-    x = penalized_logits(logits, params, seen)
+    x = penalized_logits(logits, params, seen, check)
     x = (x - x.max()) / params.temperature  # a tiny temperature sends the others to -inf, never the best to NaN
     if 0 < params.top_k < x.numel():
         kth = torch.topk(x, params.top_k).values[-1]
@@ -305,7 +306,7 @@ def sampling_probs(logits, params, seen=None):
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # the nucleus was full before this token
-        probs[order[outside]] = 0.0
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
         probs /= probs.sum()
     return probs
 
@@ -322,14 +323,40 @@ def openai_adjusted(logits, params, counts=None):
     return x
 
 
+def pick_token(logits, params, generator=None, seen=None, check=True):
+    """sample_token's choice as a 0-dim tensor on the logits' device (nothing copied to the host)."""
+    if params.temperature == 0:
+        if params.repetition_penalty == 1.0 or seen is None:
+            return logits.argmax()
+        return penalized_logits(logits, params, seen, check).argmax()
+    return torch.multinomial(sampling_probs(logits, params, seen, check), 1, generator=generator)[0]
+
+
 def sample_token(logits, params, generator=None, seen=None):
     """One token id from one row of logits: greedy (argmax) at temperature 0, else drawn from sampling_probs
     with the request's own generator."""
-    if params.temperature == 0:
-        if params.repetition_penalty == 1.0 or seen is None:
-            return int(logits.argmax())
-        return int(penalized_logits(logits, params, seen).argmax())
-    return int(torch.multinomial(sampling_probs(logits, params, seen), 1, generator=generator))
+    return int(pick_token(logits, params, generator, seen))
+
+
+def pick_tokens(reqs, logits):
+    """Every row's token with one host transfer (the GPU path): a list of ids, or of the exception that row
+    raised. NaN rows are replaced before sampling (on a GPU, sampling NaNs is a device assert that ends the
+    process) and fail alone."""
+    bad = torch.isnan(logits).any(-1)
+    logits = torch.where(bad[:, None], 0.0, logits)
+    greedy = logits.argmax(-1)
+    picked, errors = [], {}
+    for i, r in enumerate(reqs):
+        try:
+            plain = r.params.temperature == 0 and (r.params.repetition_penalty == 1.0 or r.seen is None)
+            picked.append(greedy[i] if plain else pick_token(logits[i], r.params, r.generator, r.seen, False))
+        except Exception as e:
+            errors[i] = e
+            picked.append(greedy[i])
+    values = torch.stack([*picked, *bad.long()]).tolist()  # the one host transfer of the step
+    n = len(reqs)
+    return [errors.get(i) or (FloatingPointError("the model produced NaN logits") if values[n + i] else values[i])
+            for i in range(n)]
 
 
 class Request:
@@ -470,7 +497,7 @@ class Engine:
     slot, step() decodes one token for every active request in one batched forward; finished requests leave.
     tokenizer=None works on token ids only (prompts as id lists, answers in Completion.token_ids)."""
 
-    def __init__(self, model, tokenizer, max_batch=1, fast=True):
+    def __init__(self, model, tokenizer, max_batch=1, fast=True, batched_sampling=None):
         self.model, self.tokenizer = model.eval(), tokenizer
         config = model.config
         param = next(model.parameters())
@@ -482,6 +509,8 @@ class Engine:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_id = eos if eos is not None else config.eos_token_id
         self.decoder = FastDecoder(model) if fast else None  # None: decode through model.forward
+        # on a GPU every row's token comes back in one transfer per step; on CPU row by row (no transfer to save)
+        self.batched_sampling = self.device.type == "cuda" if batched_sampling is None else batched_sampling
         self.active = []
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
         self.last = None  # Completion of the latest stream() / complete()
@@ -593,9 +622,12 @@ class Engine:
         """Sample each row's next token, stream its text, and retire the requests that are done. A request whose
         token cannot be picked or delivered fails alone; the other rows carry on."""
         logits = logits.float()
+        picked = pick_tokens(reqs, logits) if self.batched_sampling else None
         for i, r in enumerate(reqs):
             try:
-                delta, finish = self._next_token(r, logits[i])
+                if picked is not None and isinstance(picked[i], Exception) and r.max_new:
+                    raise picked[i]
+                delta, finish = self._next_token(r, logits[i], None if picked is None else picked[i])
             except Exception:
                 log.exception("request failed while producing its token; the rest of the batch goes on")
                 self._fail(r)
@@ -606,12 +638,13 @@ class Engine:
             if not r.emit(delta, finish) and not finish:  # nobody can receive its tokens: stop it alone
                 self._fail(r, notify=False)
 
-    def _next_token(self, r, logits):
-        """(text delta, finish_reason or None) after sampling one more token for request r."""
+    def _next_token(self, r, logits, token=None):
+        """(text delta, finish_reason or None) after request r's next token (sampled here unless given)."""
         if r.max_new == 0:  # prefill only
             return "", "length"
-        scores = openai_adjusted(logits, r.params, r.counts) if r.adjusted else logits
-        token = sample_token(scores, r.params, r.generator, r.seen)
+        if token is None or r.adjusted:  # (the batched pick knows nothing of OpenAI's penalties and biases)
+            scores = openai_adjusted(logits, r.params, r.counts) if r.adjusted else logits
+            token = sample_token(scores, r.params, r.generator, r.seen)
         if r.params.logprobs is not None:
             r.logprobs.extend(token_logprobs(logits[None], [token], r.params.logprobs))
         r.token_ids.append(token)

@@ -6,6 +6,7 @@ import math
 import os
 import pickle
 import random
+import resource
 import signal
 import sys
 import time
@@ -18,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import STAGE_SCRIPTS, CheckpointError, load_tensors, save_weights, weights_name
+from .device import (DeviceError, active_parameters, cuda_dtype, enable_tf32, flops_per_token, peak_tflops,
+                     resolve_device, use_tf32)
 from .files import atomic_write, first_line, remove, space_left
 from .model import IGNORE, next_token_targets
 
@@ -104,14 +107,14 @@ class Runtime:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.distributed = self.world_size > 1
-        device = args.device
-        if device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise TrainError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-            if self.distributed:
-                device = f"cuda:{self.local_rank}"
-            torch.cuda.set_device(device)
-        self.device = torch.device(device)
+        try:
+            self.device = resolve_device(args.device)
+        except DeviceError as e:
+            raise TrainError(str(e)) from None
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            if use_tf32(torch.cuda.get_device_capability(self.device)):
+                enable_tf32()
         if self.distributed and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if args.deepspeed:
@@ -123,6 +126,9 @@ class Runtime:
                 deepspeed.init_distributed(dist_backend=backend)
             else:
                 dist.init_process_group(backend=backend)
+        # host-side agreements (stop on a signal) go over a CPU group: no wait for the GPU's queue
+        self.host_group = (dist.new_group(backend="gloo") if self.distributed and self.device.type == "cuda"
+                           else None)
         self.dtype_name = auto_dtype(self.device) if args.dtype == "auto" else args.dtype  # args stay as given
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype_name]
         if self.dtype == torch.float16 and self.device.type == "cpu":
@@ -131,11 +137,13 @@ class Runtime:
                          torch.autocast(device_type=self.device.type, dtype=self.dtype))
         self.is_main = self.rank == 0
 
-    def all_reduce_sum(self, values):
-        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        if self.distributed:
-            dist.all_reduce(t)
-        return t.tolist()
+    def any_rank(self, flag):
+        """Whether any rank's flag is set, agreed on the host (a CPU collective, never a GPU sync)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, group=self.host_group)
+        return bool(t[0] > 0)
 
     def barrier(self):
         if self.distributed:
@@ -147,10 +155,11 @@ class Runtime:
 
 
 def auto_dtype(device):
-    """bf16 where the hardware computes it natively; on CPUs without bf16 units it is emulated and many times
-    slower than fp32 (measured: a 2048x256x6400 matmul 33x slower on an AVX2-only CPU)."""
+    """bf16 where the hardware computes it natively (GPUs: sm_80 and newer, else fp16); on CPUs without bf16
+    units it is emulated and many times slower than fp32 (measured: a 2048x256x6400 matmul 33x slower on an
+    AVX2-only CPU)."""
     if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return cuda_dtype(torch.cuda.get_device_capability(device))
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -196,6 +205,42 @@ def token_loss(model, batch, autocast):
 
 def token_count(batch):
     return int((next_token_targets(batch["labels"]) != IGNORE).sum())
+
+
+def input_tokens(batch):
+    """Real (non-padding) input tokens of a batch."""
+    return sum(int((v != 0).sum()) for k, v in batch.items() if k.endswith("input_ids"))
+
+
+HOST_COUNTS = "host_counts"  # the batch key of (loss count, input tokens), counted by the loader on the host
+
+
+class HostBatch:
+    """The collate step run in the loader's workers: the padded batch, plus under HOST_COUNTS the numbers the
+    step needs from it (count_fn's count and the real input tokens), counted on the host so that the step never
+    asks the GPU. count_fn None: no counts (a rollout replaces the batch; the step counts what it made)."""
+
+    def __init__(self, collate, count_fn):
+        self.collate, self.count_fn = collate, count_fn
+
+    def __call__(self, items):
+        batch = self.collate(items)
+        if self.count_fn is not None:
+            batch[HOST_COUNTS] = (self.count_fn(batch), input_tokens(batch))
+        return batch
+
+
+def quiet_worker(_worker_id):
+    """Loader workers leave Ctrl-C (sent to the whole foreground process group) to the training process, which
+    finishes its step (reading from them), saves and stops; they end when it closes its loader."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def default_workers(device, cpus=None):
+    """--num_workers by default: loader processes on a GPU (the model is not waiting on the CPU there); none on
+    CPU, where workers would take cores from the training maths (bench/bench_data.py measures both)."""
+    cpus = cpus or len(os.sched_getaffinity(0))
+    return min(4, max(cpus - 1, 0)) if device.type == "cuda" else 0
 
 
 # ----------------------------------------------------------------------------- training state
@@ -423,7 +468,10 @@ class Trainer:
             raise TrainError(f"{args.data_path}: the data file has no samples")
 
         seed_everything(args.seed)
+        torch.manual_seed(args.seed + runtime.rank)  # dropout differs per rank; the data order does not use it
         self.model = model.to(runtime.device)
+        if getattr(args, "grad_checkpointing", False):
+            model.activation_checkpointing_enable({"use_reentrant": False})
         params = [p for p in (trainable if trainable is not None else model.parameters()) if p.requires_grad]
         self.params = params
         self.global_batch = args.batch_size * args.accumulation_steps * runtime.world_size
@@ -431,21 +479,30 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * args.epochs * reuse
         if args.max_steps is not None:
             self.total_steps = min(self.total_steps, args.max_steps)
+        self.flops_per_token = flops_per_token(model.config, active_parameters(model), args.max_seq_len)
+        peak = getattr(args, "peak_tflops", None)
+        if peak is None and runtime.device.type == "cuda":
+            peak = peak_tflops(torch.cuda.get_device_name(runtime.device))
+        self.peak_flops = peak * 1e12 * runtime.world_size if peak else None  # MFU only against a known peak
         self.ds_engine = None
         if args.deepspeed:
             self._init_deepspeed(params)
         else:
-            self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+            self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0,
+                                               fused=runtime.device.type == "cuda")
             self.scaler = torch.amp.GradScaler(enabled=runtime.dtype == torch.float16)
-            self.wrapped = model
+            self.wrapped = torch.compile(model) if getattr(args, "compile", False) else model
             if runtime.distributed:
                 from torch.nn.parallel import DistributedDataParallel
                 ids = [runtime.device.index] if runtime.device.type == "cuda" else None
                 self.wrapped = DistributedDataParallel(
-                    model, device_ids=ids, find_unused_parameters=bool(getattr(model.config, "use_moe", False)))
+                    self.wrapped, device_ids=ids, find_unused_parameters=bool(getattr(model.config, "use_moe", False)))
         self.settings = run_settings(args, model, params)
         self.partial_weights = self.out_weights.with_name(f"{self.stem}.partial{self.out_weights.suffix}")
         self.step, self.epoch, self.position, self.tokens_seen = 0, 0, 0, 0
+        workers = getattr(args, "num_workers", None)
+        self.num_workers = default_workers(runtime.device) if workers is None else workers
+        self._batches, self._batches_at = None, None
         self.saved_step = None
         self.state_step = None  # the step of the newest training state of this run on disk
         self.resumed = False  # set when --resume found a state (its "previous" state is then this run's too)
@@ -455,7 +512,6 @@ class Trainer:
     # -- set-up helpers
 
     def _init_deepspeed(self, params):
-        import deepspeed
         a, rt = self.args, self.rt
         if Path(a.deepspeed).is_file():
             config = json.loads(Path(a.deepspeed).read_text())
@@ -463,6 +519,12 @@ class Trainer:
             config = {"zero_optimization": {"stage": int(a.deepspeed)}}
         else:
             raise TrainError(f"--deepspeed {a.deepspeed}: neither a config file nor a ZeRO stage number")
+        if config.get("zero_optimization", {}).get("stage", 0) >= 3:
+            raise TrainError(f"--deepspeed {a.deepspeed}: ZeRO stage 3 is not supported (it partitions the weights "
+                             "across processes and the weights saved would be empty); use stage 1 or 2")
+        if getattr(a, "compile", False):
+            raise TrainError("--compile with --deepspeed is not supported; drop one of them")
+        import deepspeed
         config.update(train_micro_batch_size_per_gpu=a.batch_size, gradient_accumulation_steps=a.accumulation_steps,
                       gradient_clipping=a.grad_clip, zero_allow_untested_optimizer=True)
         config.pop("train_batch_size", None)
@@ -627,7 +689,7 @@ class Trainer:
     # -- the loop
 
     def _to_device(self, batch):
-        return {k: v.to(self.rt.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return {k: v.to(self.rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     @staticmethod
     def _cpu(pending):
@@ -636,26 +698,56 @@ class Trainer:
         batches, n_samples = pending
         return [({k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()}, w) for b, w in batches], n_samples
 
-    def _micro_batches(self, order):
-        """This rank's micro-batches of the current step: (batch, weight) with weight 0 for padding chunks."""
+    def _my_chunks(self, order, position):
+        """This rank's micro-batch index lists of the steps from `position` to the end of the epoch: (indices,
+        weight), weight 0 (and the epoch's first sample as a stand-in) for the empty chunks of a short last step."""
         rt, a = self.rt, self.args
-        chunks = step_chunks(order, self.position, self.global_batch, a.accumulation_steps * rt.world_size)
-        mine = [chunks[m * rt.world_size + rt.rank] for m in range(a.accumulation_steps)]
+        while position < len(order):
+            chunks = step_chunks(order, position, self.global_batch, a.accumulation_steps * rt.world_size)
+            for m in range(a.accumulation_steps):
+                chunk = chunks[m * rt.world_size + rt.rank]
+                yield (chunk, 1.0) if chunk else (order[:1].tolist(), 0.0)
+            position += self.global_batch
+
+    def _loader(self, order):
+        """This rank's micro-batches from the current position on, read, tokenized and collated ahead by
+        --num_workers processes into pinned memory; the same batches in the same order whatever the worker count,
+        so a resumed run sees exactly what the uninterrupted one saw."""
+        workers = self.num_workers
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=(c for c, _ in self._my_chunks(order, self.position)),
+            collate_fn=HostBatch(self.collate, None if self.rollout_fn else self.count_fn), num_workers=workers,
+            pin_memory=self.rt.device.type == "cuda", prefetch_factor=4 if workers else None,
+            worker_init_fn=quiet_worker if workers else None)
+        return zip(loader, (w for _, w in self._my_chunks(order, self.position)))
+
+    def _micro_batches(self, order):
+        """This rank's micro-batches of the current step on the device: (batch, weight) with weight 0 for padding
+        chunks."""
+        rt, a = self.rt, self.args
+        if self._batches is None or self._batches_at != (self.epoch, self.position):
+            self._batches = self._loader(order)  # a new epoch, a resume, or a position set from outside
         batches = []
-        for m, chunk in enumerate(mine):
-            real = len(chunk) > 0
-            items = [self.dataset[i] for i in (chunk if real else order[:1].tolist())]
-            batch = self._to_device(self.collate(items))
+        for m in range(a.accumulation_steps):
+            batch, weight = next(self._batches)
+            batch = self._to_device(batch)
             if self.rollout_fn is not None:
                 started = time.time()
                 batch = self.rollout_fn(self.model, batch, rollout_seed(a.seed, self.step, rt.rank, m))
                 self.rollout_seconds += time.time() - started
-            batches.append((batch, 1.0 if real else 0.0))
-        n_samples = sum(len(c) for c in chunks)
+            batches.append((batch, weight))
+        n_samples = len(order[self.position:self.position + self.global_batch])
+        self._batches_at = (self.epoch, self.position + n_samples)
         return batches, n_samples
 
     def fit(self):
         """Train to the end; True when this run trained and wrote the final weights (a signal exits instead)."""
+        try:
+            return self._fit()
+        finally:
+            self._batches = None  # the loader's workers end now
+
+    def _fit(self):
         a, rt = self.args, self.rt
         if a.resume and not getattr(a, "fresh", False):
             self.try_resume()
@@ -670,25 +762,31 @@ class Trainer:
                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps in total, "
                  f"{sum(p.numel() for p in self.params) / 1e6:.3f}M trainable parameters, {rt.dtype_name} on {rt.device}")
         self.model.train()
-        t0, tokens_since, t_last = time.time(), 0, time.time()
+        t0, tokens_since, tokens_pending, t_last = time.time(), 0, 0, time.time()
         steps_at_start = self.step
         self.bar = progress_bar(self.stem, self.total_steps, self.step, enabled=rt.is_main)
         while self.step < self.total_steps and self.epoch < a.epochs:
             order = epoch_order(len(self.dataset), a.seed, self.epoch)
             while self.position < len(order) and self.step < self.total_steps:
-                metrics, n_tokens = self._train_step(order)
-                tokens_since += n_tokens
-                self.tokens_seen += n_tokens
+                step_metrics, n_tokens = self._train_step(order)
+                tokens_pending += n_tokens  # on the device when distributed: read on logging and saving steps
                 self.step += 1
                 self.bar.update(1)
-                if self.step % a.log_interval == 0 or self.step == self.total_steps or self.step == 1:
+                log = self.step % a.log_interval == 0 or self.step == self.total_steps or self.step == 1
+                stop = self._agree_to_stop()
+                if log or stop or self.step % a.save_interval == 0:
+                    n = int(tokens_pending)
+                    self.tokens_seen += n
+                    tokens_since += n
+                    tokens_pending = 0
+                if log:
+                    metrics = self._reduce_metrics(step_metrics)
                     now = time.time()
                     tok_s = tokens_since / max(now - t_last, 1e-9)
                     done = self.step - steps_at_start
                     eta = (now - t0) / max(done, 1) * (self.total_steps - self.step)
-                    self._log(metrics, tok_s, eta)
+                    self._log({**metrics, **self._performance(tok_s)}, tok_s, eta)
                     tokens_since, t_last = 0, now
-                stop = self._agree_to_stop()
                 if stop and self.step < self.total_steps:  # (a stop at the last step lets the run finish)
                     self.bar.close()
                     self.save()
@@ -698,6 +796,7 @@ class Trainer:
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
         self.bar.close()
+        self.tokens_seen += int(tokens_pending)
         if self.step == steps_at_start:
             rt.print(f"{self.stem}: nothing to train: the saved run is at step {self.step} of {self.total_steps} "
                      f"(raise --max_steps or --epochs to go on); nothing was written")
@@ -711,11 +810,10 @@ class Trainer:
         return True
 
     def _agree_to_stop(self):
-        """The signal that stops the run (0: go on); one rank's signal stops them all."""
+        """The signal that stops the run (0: go on); one rank's signal stops them all (agreed on the host)."""
         if not self.rt.distributed:
             return self.stop_requested
-        total = self.rt.all_reduce_sum([float(self.stop_requested > 0)])[0]
-        return self.stop_requested or (signal.SIGTERM if total > 0 else 0)
+        return self.stop_requested or (signal.SIGTERM if self.rt.any_rank(self.stop_requested > 0) else 0)
 
     def _exit_interrupted(self, signum):
         """Exit as a shell expects of a process stopped by a signal (128 + its number: 130 for SIGINT, 143 for
@@ -730,7 +828,16 @@ class Trainer:
             self.wandb.finish(exit_code=128 + signum)
         raise SystemExit(128 + signum)
 
+    def _counts(self, batch, weight):
+        """(loss count, input tokens) of a micro-batch: the loader's host counts, or for a batch made on the
+        device (a rollout) counted there (a host sync, beside the many of sampling)."""
+        count, tokens = batch[HOST_COUNTS] if HOST_COUNTS in batch else (self.count_fn(batch), input_tokens(batch))
+        return count * weight, tokens * int(weight)
+
     def _train_step(self, order):
+        """One optimizer step. Returns its metrics still on the device (numbers only through _reduce_metrics) and
+        its input tokens over all ranks: an int, or a device tensor when distributed. No host sync in here for
+        loader batches (fp16's GradScaler makes one, to skip a step whose gradients overflowed)."""
         a, rt = self.args, self.rt
         started, self.rollout_seconds = time.time(), 0.0
         lr = lr_at(self.step, self.total_steps, a.learning_rate, a.warmup_iters)
@@ -739,13 +846,22 @@ class Trainer:
         if self.pending is None:
             self.pending = self._micro_batches(order)
         batches, n_samples = self.pending
-        local_count = sum(self.count_fn(b) * w for b, w in batches)
-        global_count = max(rt.all_reduce_sum([local_count])[0], 1.0)
+        counted = [self._counts(b, w) for b, w in batches]
+        local_count, n_tokens = sum(c for c, _ in counted), sum(t for _, t in counted)
+        if rt.distributed:  # summed on the device: the step goes on without waiting for the result
+            totals = torch.tensor([local_count, n_tokens], dtype=torch.float64, device=rt.device)
+            dist.all_reduce(totals)
+            global_count, n_tokens = totals[0].clamp(min=1.0), totals[1]
+            scale = (rt.world_size / global_count).float()
+        else:
+            global_count = max(local_count, 1)
+            scale = 1.0 / global_count
         # each micro-batch's loss is its summed loss over the global count, so gradients (averaged across
         # ranks by DDP/DeepSpeed) equal those of one process seeing the whole global batch
-        scale = rt.world_size / global_count
-        sums, counts = {"loss": 0.0}, {}
-        n_tokens = 0
+        sums, counts = {}, {}
+
+        def add(into, k, v, weight):
+            into[k] = into.get(k, 0.0) + torch.as_tensor(v, device=rt.device).detach().double() * weight
         for i, (batch, weight) in enumerate(batches):
             last = i == len(batches) - 1
             sync = nullcontext() if (last or not rt.distributed or self.ds_engine is not None) \
@@ -760,13 +876,11 @@ class Trainer:
                     self.ds_engine.step()
                 else:
                     self.scaler.scale(loss).backward()
-            sums["loss"] += float(loss_sum.detach()) * weight
-            for k, v in extra.items():  # a (sum, count) pair is averaged over its own count
+            for k, v in {"loss": loss_sum, **extra}.items():  # a (sum, count) pair is averaged over its own count
                 total, count = v if isinstance(v, tuple) else (v, None)
-                sums[k] = sums.get(k, 0.0) + float(total) * weight
+                add(sums, k, total, weight)
                 if count is not None:
-                    counts[k] = counts.get(k, 0.0) + float(count) * weight
-            n_tokens += sum(int((v != 0).sum()) for k, v in batch.items() if k.endswith("input_ids")) * int(weight)
+                    add(counts, k, count, weight)
         if self.ds_engine is None:
             if a.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -774,20 +888,40 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-        keys, own = sorted(sums), sorted(counts)
-        totals = rt.all_reduce_sum([sums[k] for k in keys] + [counts[k] for k in own] + [float(n_tokens)])
-        metrics = {k: v / global_count for k, v in zip(keys, totals)}
-        for k, c in zip(own, totals[len(keys):-1]):
-            metrics[k] = totals[keys.index(k)] / max(c, 1e-12)
-        metrics["lr"] = lr
+        times = {}
         if self.rollout_fn is not None:  # (rank 0's times)
-            metrics["rollout_s"] = self.rollout_seconds
-            metrics["step_s"] = time.time() - started
+            times = {"rollout_s": self.rollout_seconds, "step_s": time.time() - started}
         self.inner += 1
         if self.inner == self.reuse:
             self.position += n_samples
             self.pending, self.inner = None, 0
-        return metrics, int(totals[-1])
+        return (sums, counts, global_count, lr, times), n_tokens
+
+    def _reduce_metrics(self, step_metrics):
+        """A step's metrics as numbers, summed over ranks and divided by the global count (or a pair's own
+        count): a host sync, and a collective every rank joins, so fit() calls it on logging steps only."""
+        sums, counts, global_count, lr, times = step_metrics
+        keys, own = sorted(sums), sorted(counts)
+        values = torch.stack([sums[k] for k in keys] + [counts[k] for k in own])
+        if self.rt.distributed:
+            dist.all_reduce(values)
+        totals, count = values.tolist(), float(global_count)
+        metrics = {k: v / count for k, v in zip(keys, totals)}
+        for k, c in zip(own, totals[len(keys):]):
+            metrics[k] = totals[keys.index(k)] / max(c, 1e-12)
+        return {**metrics, "lr": lr, **times}
+
+    def _performance(self, tok_s):
+        """MFU (model FLOPs of the real tokens per second over the devices' peak, when it is known) and this
+        process's peak memory: what the GPU holds at most, or on CPU the resident set."""
+        out = {}
+        if self.peak_flops:
+            out["mfu"] = tok_s * self.flops_per_token / self.peak_flops
+        if self.rt.device.type == "cuda":
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
+        else:
+            out["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return out
 
     def _log(self, metrics, tok_s, eta):
         if not self.rt.is_main:
@@ -803,8 +937,9 @@ class Trainer:
         extra = "".join(f" {k} {metrics[k]:.4f}" for k in self.metric_names if k in metrics)
         self.bar.set_postfix_str(f"loss {metrics['loss']:.4f}{extra} {tok_s:.0f} tok/s", refresh=False)
         self.bar.write(f"{self.stem} step {self.step}/{self.total_steps} epoch {self.epoch + 1}/{self.args.epochs} "
-                       f"loss {metrics['loss']:.4f}{extra} lr {metrics['lr']:.3e} {tok_s:.0f} tok/s "
-                       f"eta {eta / 60:.1f} min", file=sys.stdout)
+                       f"loss {metrics['loss']:.4f}{extra} lr {metrics['lr']:.3e} {tok_s:.0f} tok/s"
+                       + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
+                       + f" mem {metrics['peak_mem_gib']:.2f} GiB eta {eta / 60:.1f} min", file=sys.stdout)
         sys.stdout.flush()
         if self.wandb is not None:
             self.wandb.log(record, step=self.step)

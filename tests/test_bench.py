@@ -26,14 +26,16 @@ RUNS = {
     "serve": (["bench/bench_serve.py", "--new_tokens", "4", "--requests", "4", "--levels", "1,4", "--rounds", "1"],
               ["answers unchanged 4/4", "ms per step"]),
     "data": (["bench/bench_data.py", "--gb", "0.002", "--tokens", "20000", "--seconds", "5", "--train_batch", "1",
-              "--train_seq", "32", "--train_steps", "1"], ["ratio loader/training:", "RSS growth:"]),
+              "--train_seq", "32", "--train_steps", "1", "--chats", "200", "--engine_seconds", "1"],
+             ["ratio loader/training:", "RSS growth:", "ratio sft workers/in-process", "ratio dpo workers/in-process"]),
     "llamacpp": (["bench/bench_llamacpp.py", "--tiny", "--rounds", "1", "--new_tokens", "8", "--agree_tokens", "4"],
                  ["q8_0  tokenization", "ratio ours/q8_0"]),
     "demo_scaling": (["bench/demo_scaling.py", "--points", "64x1", "--scale", "0.3", "--eval_limit", "40",
                       "--out", "out/test_bench_scaling", "--json", "out/test_bench_scaling/scaling.json",
                       "--plot", "out/test_bench_scaling/scaling.png"], ["sft_heldout_qa", "wrote"]),
     "gpu_code_path_on_cpu": (["bench/bench_gpu.py", "--device", "cpu", "--dtype", "fp32", "--tiny", "--batch", "2",
-                              "--seq", "32", "--warmup", "1", "--steps", "1", "--rounds", "1"], ["MFU", "ratio"]),
+                              "--seq", "32", "--warmup", "1", "--steps", "1", "--rounds", "1", "--engine_steps", "2",
+                              "--decode_tokens", "8"], ["MFU", "ratio", "ratio engine/bare step", "decode batch 16"]),
 }
 
 
