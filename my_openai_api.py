@@ -126,7 +126,7 @@ def parse_messages(messages):
                       f"\\u{ord(half.group()):04x} at character {half.start()}: not valid Unicode text")
         out.append({"role": "system" if role == "developer" else role, "content": content, **extras})
     if not any(m["role"] in ("user", "assistant", "tool") for m in out):
-        raise bad("messages", "'messages' must include a user (or assistant) message")
+        raise bad("messages", "'messages' must include a user, assistant or tool message")
     return out
 
 
@@ -514,7 +514,7 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
     "properties": {
         "model": {"type": ["string", "null"]},
         "messages": {"type": "array", "contains": {"required": ["role"], "properties": {
-            "role": {"enum": ["user", "assistant"]}}}, "items": {
+            "role": {"enum": ["user", "assistant", "tool"]}}}, "items": {
             "type": "object", "required": ["role", "content"],
             "properties": {"role": {"enum": list(ROLES)}, "content": {"anyOf": [
                 {"type": "string"},
@@ -536,7 +536,7 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
         "audio": {"type": "null"}, "prediction": {"type": "null"}, "web_search_options": {"type": "null"},
         "modalities": {"anyOf": [{"type": "null"}, {"const": ["text"]}]}, "store": {"enum": [False, None]},
         "user": {"type": ["string", "null"]}, "metadata": {"type": ["object", "null"]},
-        "parallel_tool_calls": {"type": ["boolean", "null"]}, "service_tier": {"type": ["string", "null"]},
+        "parallel_tool_calls": {"enum": [True, None]}, "service_tier": {"type": ["string", "null"]},
         "max_tokens": TOKEN_LIMIT, "max_completion_tokens": TOKEN_LIMIT,
         "n": {"type": ["integer", "null"], "enum": [1, None]},
         "seed": {"type": ["integer", "null"]},

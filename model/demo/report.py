@@ -76,6 +76,12 @@ def put(stage, key, measured, baseline_key=None):
     return measured
 
 
+def alias(stage, key, source, source_key):
+    """stage[key] (with _n and _ci95) is source's measurement under source_key."""
+    for suffix in ("", "_n", "_ci95"):
+        stage[key + suffix] = source[source_key + suffix]
+
+
 def chat_measures(model, tok, ev, manifest):
     """Every chat measure of one checkpoint (CHAT_MEASURES), each with _n and _ci95 beside it."""
     out = {}
@@ -154,10 +160,11 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
 
     put(sft, "heldout_accuracy_before_sft", M.chat_answers(models["pretrain"], tok, ev["questions"], manifest))
     put(sft, "retention", M.completion(models["sft"], tok, held_facts, manifest), "retention_baseline")
-    multi.update(followup_before=sft["followup"], followup_after=multi["followup"])
-    for key in ("n", "ci95"):
-        multi[f"followup_before_{key}"], multi[f"followup_after_{key}"] = sft[f"followup_{key}"], multi[f"followup_{key}"]
-    lora.update(identity_before=multi["identity"], identity_after=lora["identity"], leak_before=multi["leak_rate"])
+    alias(multi, "followup_before", sft, "followup")  # a stage's before/after: the chat measures of the chain
+    alias(multi, "followup_after", multi, "followup")
+    alias(lora, "identity_before", multi, "identity")
+    alias(lora, "identity_after", lora, "identity")
+    alias(lora, "leak_before", multi, "leak_rate")
 
     kinds = [r["kind"] for r in M.read_jsonl(files["eval_dpo"])]
     before = M.pair_logps(models["lora"], tok, files["eval_dpo"])  # DPO starts from (and is judged against) LoRA's
