@@ -175,7 +175,9 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
     put(dpo, "implicit_reward_acc_after", M.implicit_reward_accuracy(after, before))
     dpo.update(rude_before=lora["rude_rate"], rude_after=dpo["rude_rate"], rude_before_by_cause=lora["rude_by_cause"],
                rude_after_by_cause=dpo["rude_by_cause"], pairs=len(kinds))
-    s["final"] = {k: dpo[k] for k, _ in CHAT_MEASURES for k in (k, f"{k}_n", f"{k}_ci95")}
+    s["final"] = {}
+    for key, _ in CHAT_MEASURES:
+        alias(s["final"], key, dpo, key)
     s["final"]["heldout_baseline"] = dpo["heldout_baseline"]
     s["transcript"] = transcript(models["dpo"], tok, ev)
 
