@@ -289,7 +289,9 @@ def test_chromium_shows_the_thought_folded_the_tool_call_and_its_result(tool_pag
     with open_browser(chromium, tool_page) as browser:
         ask_in_browser(browser, question)
         messages = 'Array.from(document.querySelectorAll(\'[data-testid="stChatMessage"]\'))'
+        # the page redraws its messages as the run ends: wait for the last draw, not for the first one seen
         browser.wait_for(f"{messages}.length >= 4 && {messages}[3].innerText.includes('等于84。') && "
+                         f"{messages}[1].innerText.includes('calculate(') && "
                          "!document.querySelector('[data-testid=\"stStatusWidget\"] button')", timeout=900)
         texts = browser.js(f"{messages}.map(m => m.innerText)")
         assert question in texts[0]
