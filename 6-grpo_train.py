@@ -11,7 +11,7 @@ from model import cli, trainer as T
 from model.checkpoint import weights_name
 from model.model import IGNORE, token_logps
 
-DATA_HOW = "a JSONL of prompts with answers (dataset/README.md); the demo's: model.demo.grpo_task.write_prompts"
+DATA_HOW = "a JSONL of prompts with answers (dataset/README.md); python data_process.py demo writes the demo's grpo.jsonl"
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 

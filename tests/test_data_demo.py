@@ -63,7 +63,7 @@ def test_manifest_lists_every_role(world):
     folder, m = world
     roles = {"tokenizer", "names", "pretrain", "sft_single", "sft_multi", "lora", "dpo", "ceval_dir", "eval_pretrain",
              "eval_sft", "eval_followup", "eval_lora", "eval_dpo", "eval_style", "eval_demo_questions", "eval_abstain",
-             "eval_open", "eval_text"}
+             "eval_open", "eval_text", "sft_tools", "eval_tools", "eval_thinking", "grpo", "eval_grpo"}
     assert set(m["files"]) == roles
     for role, rel in m["files"].items():
         assert (folder / rel).exists(), role
@@ -146,8 +146,10 @@ def test_identity_only_in_the_lora_set(world):
 def test_english_share_and_style_noise(world):
     folder, m = world
     assert 0.2 <= m["english_share_of_pretrain"]["rows"] <= 1 / 3
+    lessons = {json.dumps(r, ensure_ascii=False) for r in rows(folder, "sft_tools.jsonl")}  # tools and thinking
     replies = lambda name: [msg["content"] for r in rows(folder, name) for msg in r["conversations"]
-                            if msg["role"] == "assistant" and msg["content"] not in "ABCD"]  # MCQ drills are Chinese
+                            if msg["role"] == "assistant" and msg["content"] not in "ABCD"  # MCQ drills are Chinese
+                            and json.dumps(r, ensure_ascii=False) not in lessons]
     english = lambda texts: sum(a.isascii() for a in texts) / len(texts)
     assert 0.2 <= english(replies("sft_single.jsonl")) <= 1 / 3  # as many entities are described in English
     chats = [r["conversations"][-1]["content"] for r in rows(folder, "sft_multi.jsonl")]
@@ -180,6 +182,9 @@ def test_tokenizer_text_treats_both_splits_alike(world):
     tok_rows = [r["text"] for r in rows(folder, "tokenizer.jsonl")]
     pre_rows = [r["text"] for r in rows(folder, "pretrain.jsonl")]
     pages = [t for t in pre_rows if t.startswith(("问：", "Q: "))]
+    chat_format = [t for t in tok_rows if t.startswith("<tools>")]  # the format's fixed parts: no name in them
+    assert chat_format and not any(n in t for t in chat_format for n in W.all_names(W.build_world(m["seed"], m["params"]["n_entities"])))
+    tok_rows = [t for t in tok_rows if t not in chat_format]
     assert pages and sorted(tok_rows) == sorted(t for t in pre_rows if t not in pages)
     text = "\n".join(tok_rows)
     mean = {split: sum(text.count(zh) for names in m["splits"][split].values() for zh, _ in names)

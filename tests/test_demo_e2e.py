@@ -81,14 +81,14 @@ def test_the_final_model_is_the_chain_end_and_keeps_every_lesson(report):
     folder, r = report
     s = r["stages"]
     final = s["final"]
-    assert Path(final["checkpoint"]).name == "rl_128.pth" and Path(final["checkpoint"]).is_file()
+    assert Path(final["checkpoint"]).name == "grpo_128.pth" and Path(final["checkpoint"]).is_file()
     for key in ("heldout_accuracy", "followup", "identity", "leak_rate", "rude_rate", "abstention", "wrong_abstention",
                 "loop_rate", "demo_questions"):
-        for stage in ("sft", "sft_multi", "lora", "dpo", "final"):
+        for stage in ("sft", "sft_multi", "lora", "dpo", "grpo", "final"):
             assert f"{key}_n" in s[stage] and len(s[stage][f"{key}_ci95"]) == 2, (stage, key)
     assert final["heldout_accuracy"] >= final["heldout_baseline"] + 0.3
     assert final["heldout_accuracy"] >= s["sft"]["heldout_accuracy"] - 0.3  # (the report judges the 0.05 target)
-    assert final["followup"] >= s["sft"]["followup"] + 0.15  # the multi-turn lesson survives LoRA and DPO
+    assert final["followup"] >= s["sft"]["followup"] + 0.15  # the multi-turn lesson survives the later stages
     assert final["identity"] >= s["sft_multi"]["identity"] + 0.7 and final["leak_rate"] <= 0.1
     assert final["rude_rate"] <= s["sft_multi"]["rude_rate"] - 0.3
 

@@ -263,9 +263,9 @@ def test_torchrun_and_deepspeed_roll_out_and_train_alike(tmp_path, paths):
 
 def test_demo_task_trains_on_sft_entities_and_measures_on_held_out_ones(tmp_path, tokenizer):
     from model.demo import world as W
-    from model.demo.grpo_task import write_prompts
+    manifest = W.generate(str(tmp_path), seed=3, n_entities=64, repo_root=str(tmp_path))
     world = W.build_world(seed=3, n_entities=64)
-    files = write_prompts(world, tmp_path)
+    files = {role: tmp_path / manifest["files"][role] for role in ("grpo", "eval_grpo")}
     train, held = ([json.loads(l) for l in open(files[role], encoding="utf-8")] for role in ("grpo", "eval_grpo"))
     assert {r["split"] for r in train} == {"sft"} and {r["split"] for r in held} == {"heldout"}
     assert not {r["entity"] for r in train} & {r["entity"] for r in held}

@@ -1,14 +1,11 @@
-"""The demo's task for GRPO (6-grpo_train.py): questions whose answer a program checks, trained on the SFT
-entities and measured on the held-out ones as pass@1 and pass@k of sampled answers (what RL can reach: the
-answers sampling already finds now and then, made the first one)."""
-import json
+"""The demo's task for GRPO (6-grpo_train.py): questions whose answer a program checks, trained on the SFT entities
+(data_process.py demo writes them as grpo.jsonl) and measured on the held-out ones (eval_grpo.jsonl) as pass@1 and
+pass@k of sampled answers (what RL can reach: the answers sampling already finds now and then, made the first one)."""
 import random
 from math import comb
-from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write
 from ..generate import SamplingParams
 from ..rewards import answer_reward
 from . import world as W
@@ -37,19 +34,6 @@ def qa_rows(world, split, one_wording=False, seed=0):
                      "attr": attr, "entity": e["zh"], "split": split})
     rng.shuffle(rows)
     return rows
-
-
-def write_prompts(world, out_dir):
-    """Write grpo.jsonl (training prompts: every question about the SFT entities, the facts SFT taught) and
-    eval_grpo.jsonl (one question per fact and language about the held-out entities, never trained on in any
-    stage) into out_dir; returns {"grpo": path, "eval_grpo": path} for the manifest."""
-    paths = {}
-    for role, rows in (("grpo", qa_rows(world, "sft")), ("eval_grpo", qa_rows(world, "heldout", one_wording=True))):
-        path = Path(out_dir) / f"{role}.jsonl"
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        paths[role] = str(path)
-    return paths
 
 
 def pass_at(n, c, k):

@@ -25,6 +25,11 @@ TARGETS = [
     ("lora", "leak_rate", -0.05, []),
     ("dpo", "pref_acc_after", 0.90, [("pref_acc_before", 0.30)]),
     ("dpo", "rude_rate", -0.05, []),
+    ("tools", "with_tools", 0.80, [("without_tools", 0.50)]),
+    ("tools", "unneeded_calls", -0.20, []),
+    ("thinking", "with_thinking", 0.60, [("direct", 0.30)]),
+    ("grpo", "pass1_after", 0.0, [("pass1_before", 0.15)]),
+    ("grpo", "pass1_after_over_pass8_before", 0.80, []),
     ("final", "heldout_accuracy", 0.60, [("heldout_baseline", 0.40), ("sft.heldout_accuracy", -0.05)]),
     ("final", "followup", 0.60, [("sft_multi.followup", -0.05)]),
     ("final", "identity", 0.95, [("lora.identity", -0.05)]),
@@ -33,9 +38,13 @@ TARGETS = [
     ("final", "abstention", 0.80, [("sft.abstention", -0.05)]),
     ("final", "wrong_abstention", -0.10, []),
     ("final", "loop_rate", -0.05, []),
+    ("final", "with_tools", 0.80, [("tools.with_tools", -0.05)]),
+    ("final", "unneeded_calls", -0.20, []),
+    ("final", "with_thinking", 0.60, [("thinking.with_thinking", -0.05)]),
     ("ceval_demo", "cloze_accuracy", 0.60, [("baseline", 0.30)]),
 ]
-CHAT_STAGES = ("sft", "sft_multi", "lora", "dpo")  # the chain's chat checkpoints, in order; dpo's is the final model
+CHAT_STAGES = ("sft", "sft_multi", "lora", "dpo", "grpo")  # the chain's chat checkpoints in order; the last is final
+SKILL_MEASURES = ("with_tools", "without_tools", "unneeded_calls", "with_thinking", "direct")  # also on the final model
 CHAT_MEASURES = [  # (key, what it is) measured on every chat stage
     ("heldout_accuracy", "questions about held-out entities (facts only in pretraining)"),
     ("followup", "follow-ups naming the earlier turn's held-out entity by a pronoun"),
@@ -62,9 +71,13 @@ LIMITS = {  # one line each: what a measurement cannot show
 
 def train_stats(metrics_path):
     rows = read_metrics(metrics_path)
-    return {"steps": rows[-1]["step"], "tokens": rows[-1].get("tokens"), "first_loss": round(rows[0]["loss"], 4),
-            "final_loss": round(rows[-1]["loss"], 4), "tokens_per_s": rows[-1].get("tokens_per_s"),
-            "curve": [[r["step"], round(r["loss"], 4)] for r in rows]}
+    out = {"steps": rows[-1]["step"], "tokens": rows[-1].get("tokens"), "first_loss": round(rows[0]["loss"], 4),
+           "final_loss": round(rows[-1]["loss"], 4), "tokens_per_s": rows[-1].get("tokens_per_s"),
+           "curve": [[r["step"], round(r["loss"], 4)] for r in rows]}
+    if "reward" in rows[-1]:  # GRPO: what its rollouts scored, and how far the policy moved from its start
+        out["reward_curve"] = [[r["step"], round(r["reward"], 4)] for r in rows]
+        out["kl_curve"] = [[r["step"], round(r["kl"], 5)] for r in rows]
+    return out
 
 
 def put(stage, key, measured, baseline_key=None):
@@ -156,7 +169,7 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
           "demo": M.read_jsonl(files["eval_demo_questions"])}
     for stage in CHAT_STAGES:
         s[stage] = {**train_stats(out / metrics[stage]), **chat_measures(models[stage], tok, ev, manifest)}
-    sft, multi, lora, dpo = (s[k] for k in CHAT_STAGES)
+    sft, multi, lora, dpo, grpo = (s[k] for k in ("sft", "sft_multi", "lora", "dpo", "grpo"))
 
     put(sft, "heldout_accuracy_before_sft", M.chat_answers(models["pretrain"], tok, ev["questions"], manifest))
     put(sft, "retention", M.completion(models["sft"], tok, held_facts, manifest), "retention_baseline")
@@ -175,11 +188,13 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
     put(dpo, "implicit_reward_acc_after", M.implicit_reward_accuracy(after, before))
     dpo.update(rude_before=lora["rude_rate"], rude_after=dpo["rude_rate"], rude_before_by_cause=lora["rude_by_cause"],
                rude_after_by_cause=dpo["rude_by_cause"], pairs=len(kinds))
-    s["final"] = {}
+    final = s["final"] = {}
     for key, _ in CHAT_MEASURES:
-        alias(s["final"], key, dpo, key)
-    s["final"]["heldout_baseline"] = dpo["heldout_baseline"]
-    s["transcript"] = transcript(models["dpo"], tok, ev)
+        alias(final, key, grpo, key)
+    final["heldout_baseline"] = grpo["heldout_baseline"]
+    skill_measures(s, models, tok, files, manifest, ev)
+    grpo_measures(grpo, models, tok, files, manifest, limit)
+    s["transcript"] = transcript(models["grpo"], tok, ev)
 
     letters = [r["answer"] for r in M.read_ceval_keys(files["ceval_dir"])]
     shares = {x: round(letters.count(x) / len(letters), 4) for x in "ABCD"}
@@ -199,6 +214,51 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
     return {"model": {"dim": model.config.dim, "n_layers": model.config.n_layers,
                       "parameters": sum(p.numel() for p in model.parameters())},
             "tokenizer": tokenization_fairness(tok, manifest), "stages": s, "limits": LIMITS}
+
+
+def skill_measures(s, models, tok, files, manifest, ev):
+    """What a tool and a written-down thought give: on the SFT checkpoint, whose data taught them (stages.tools,
+    stages.thinking), and on the final model."""
+    from . import skills
+    from ..generate import Engine
+    from .tools import load_world
+    world = load_world(Path(files["eval_tools"]).parent)
+    rows = M.read_jsonl(files["eval_tools"])
+    rows = {"tools": [r for r in rows if r["kind"] != "known"], "known": [r for r in rows if r["kind"] == "known"]}
+    unknown = [r for r in ev["abstain"] if r["kind"] == "unknown_name"]
+    two_hop = M.read_jsonl(files["eval_thinking"])
+    s["tools"], s["thinking"] = {"checkpoint": "sft"}, {"checkpoint": "sft"}
+    for stage, where, thinking in (("sft", s["tools"], s["thinking"]), ("grpo", s["final"], s["final"])):
+        engine = Engine(models[stage], tok, max_batch=64)
+        t = skills.tool_measures(engine, world, rows, unknown, manifest["sft_value_counts"])
+        where["tool_examples"] = t.pop("examples")
+        where.update(with_tools_by_kind=t.pop("with_tools_by_kind"), garbled_calls=t.pop("garbled_calls"),
+                     without_tools_by_kind=t.pop("without_tools_by_kind"))
+        for key, measured in t.items():
+            put(where, key, measured)
+        where["with_tools_baseline"] = t["with_tools"]["baseline"]
+        h = skills.thinking_measures(engine, world, two_hop)
+        thinking["thinking_examples"] = h.pop("examples")
+        for key, measured in h.items():
+            put(thinking, key, measured)
+        thinking["with_thinking_baseline"] = h["with_thinking"]["baseline"]
+
+
+def grpo_measures(grpo, models, tok, files, manifest, limit):
+    """pass@1 and pass@8 of sampled answers to held-out questions before GRPO (the DPO model) and after."""
+    from .grpo_task import TASK, pass_at_k
+    rows = M.read_jsonl(files["eval_grpo"])
+    before = pass_at_k(models["dpo"], tok, rows, limit=limit, sft_value_counts=manifest["sft_value_counts"])
+    after = pass_at_k(models["grpo"], tok, rows, limit=limit)
+    put(grpo, "pass1_before", before["pass1"])
+    put(grpo, "pass8_before", before["pass8"])
+    put(grpo, "pass1_after", after["pass1"])
+    put(grpo, "pass8_after", after["pass8"])
+    put(grpo, "greedy_before", before["greedy"])
+    put(grpo, "greedy_after", after["greedy"])
+    grpo.update(task=TASK, pass_baseline=before["baseline"], examples_before=before["examples"],
+                examples_after=after["examples"], kl_final=grpo["kl_curve"][-1][1],
+                pass1_after_over_pass8_before=round(after["pass1"]["value"] / max(before["pass8"]["value"], 1e-9), 4))
 
 
 def tokenization_fairness(tok, manifest):
@@ -252,8 +312,9 @@ def write_report(report, out):
              f"({report.get('cpu', '')}). World seed {report.get('world', {}).get('seed', '')}, "
              f"{report.get('world', {}).get('n_entities', '')} entities. Tokens per entity name: SFT entities "
              f"{tk['tokens_per_name_sft']}, held-out entities {tk['tokens_per_name_heldout']}.", "",
-             "One chain: pretrain → SFT → multi-turn SFT → LoRA (merged) → DPO. The final model, the one to chat with, "
-             f"is `{s['final'].get('checkpoint', 'rl')}`.",
+             "One chain: pretrain → SFT (with tool calls and thinking) → multi-turn SFT → LoRA (merged) → DPO → GRPO. "
+             "The final model, the one to chat with, "
+             f"is `{s['final'].get('checkpoint', 'grpo')}`.",
              "", "| stage | seconds | steps | tokens seen | tokens/s | first → final loss |", "|---|---|---|---|---|---|"]
     for name in ("pretrain", *CHAT_STAGES):
         st = s[name]
@@ -262,7 +323,7 @@ def write_report(report, out):
     lines += ["", "## What each chat stage adds and what it costs", "",
               "Every chat measure on every checkpoint of the chain (held-out rows; value [95% interval]). "
               "The last column is the final model.", "",
-              "| measure | n | " + " | ".join(CHAT_STAGES[:-1]) + " | dpo = final |", "|---|---|" + "---|" * len(CHAT_STAGES)]
+              "| measure | n | " + " | ".join(CHAT_STAGES[:-1]) + f" | {CHAT_STAGES[-1]} = final |", "|---|---|" + "---|" * len(CHAT_STAGES)]
     for key, what in CHAT_MEASURES:
         lines.append(f"| {key}: {what} | {s['sft'][f'{key}_n']} | " +
                      " | ".join(_cell(s[st], key) for st in CHAT_STAGES) + " |")
@@ -297,7 +358,7 @@ def write_report(report, out):
         lines.append(f"\nPretrained model, bits per byte on {p['bits_per_byte_documents']} biographies in wordings it never "
                      f"read ({p['bits_per_byte_bytes']} bytes): {p['bits_per_byte']:.3f} (a tokenizer-independent measure; "
                      "8 bits is a byte stored plainly).")
-    lines += ["", f"DPO pairs by kind, before → after: " + ", ".join(
+    lines += ["", "DPO pairs by kind, before → after: " + ", ".join(
         f"{k} {d['pref_acc_before_by_kind'][k]:.2f} → {d['pref_acc_after_by_kind'].get(k, 0):.2f}"
         for k in d["pref_acc_before_by_kind"]) + f"; the best length rule scores {d['pref_baseline_longer_or_shorter']:.3f}.",
               "Rude or evasive answers by cause, before → after DPO: " + ", ".join(
@@ -311,6 +372,7 @@ def write_report(report, out):
     for t in report["targets"]:
         lines.append(f"| {t['measure']} | {t['value']:.3f} | {t['target']} | {t['versus'] or '–'} | "
                      f"{'yes' if t['met'] else 'NO'} |")
+    lines += skill_lines(s) + grpo_lines(s["grpo"])
     lines += ["", "## A conversation with the final model (greedy)", "", "| you | MiniMind |", "|---|---|"]
     for item in s["transcript"]:
         for q, a in zip(item["turns"], item["answers"]):
@@ -326,17 +388,64 @@ def write_report(report, out):
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(md, encoding="utf-8"))
 
 
+def skill_lines(s):
+    """The report's section on tools and thinking: the tools stage's checkpoint and the final model."""
+    t, h, z = s["tools"], s["thinking"], s["final"]
+    rows = [("held-out questions a tool answers, with the tools (the tool loop run as a client runs it)", "with_tools"),
+            ("the same questions, no tools offered", "without_tools"),
+            ("questions memory answers, tools offered: answers that called a tool (lower is better)", "unneeded_calls"),
+            ("names nobody knows, tools offered: looked up", "unknown_lookup"),
+            ("names nobody knows, tools offered: says it does not know after the lookup", "unknown_abstain_with_tools"),
+            ("names nobody knows, no tools: says it does not know", "unknown_abstain_without_tools")]
+    lines = ["", "## Tools and thinking", "",
+             "Tools: held-out questions about entities that exist only in the encyclopedia (never in pretraining text, "
+             "never in a training row) and new arithmetic. Thinking: \"in which country is the city where X was born?\" "
+             "about held-out persons, whose two facts are only in pretraining.", "",
+             "| measure | n | after SFT (whose data teaches both) | final model |", "|---|---|---|---|"]
+    lines += [f"| {what} | {t[f'{key}_n']} | {_cell(t, key)} | {_cell(z, key)} |" for what, key in rows]
+    lines += [f"| two-hop, thinking first | {h['with_thinking_n']} | {_cell(h, 'with_thinking')} | "
+              f"{_cell(z, 'with_thinking')} |",
+              f"| two-hop, answered directly (thinking off) | {h['direct_n']} | {_cell(h, 'direct')} | {_cell(z, 'direct')} |",
+              f"| two-hop, thinking first: the thought names the right city | {h['middle_step_right_n']} | "
+              f"{_cell(h, 'middle_step_right')} | {_cell(z, 'middle_step_right')} |",
+              "", f"Trivial baselines: with tools, always the most common value on the lookup questions "
+              f"{t['with_tools_baseline']:.3f}; two-hop, always the most common country of SFT persons "
+              f"{h['with_thinking_baseline']:.3f}. Garbled tool calls (returned as text): {z['garbled_calls']}.", "",
+              "A tool round trip and a thought of the final model (greedy):", "", "| question | tool calls | answer |",
+              "|---|---|---|"]
+    for ex in z["tool_examples"][:3]:
+        calls = "; ".join(f"{c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})" for c in ex["calls"])
+        lines.append(f"| {_text(ex['question'], 40)} | {_text(calls, 50) or '–'} | {_text(ex['answer'], 50)} |")
+    for ex in z["thinking_examples"][:2]:
+        lines.append(f"| {_text(ex['question'], 40)} | 💭 {_text(ex['thought'], 50)} | {_text(ex['answer'], 50)} |")
+    return lines
+
+
+def grpo_lines(g):
+    return ["", "## GRPO: rewards a program checks", "",
+            f"Task `{g['task']}`: GRPO samples 8 answers to questions about SFT entities and rewards the right ones; "
+            "measured on one question per fact about held-out entities, 8 answers sampled per question at the "
+            "rollouts' temperature 1.0.", "",
+            "| measure | n | before (DPO model) | after |", "|---|---|---|---|",
+            f"| pass@1 | {g['pass1_after_n']} | {_cell(g, 'pass1_before')} | {_cell(g, 'pass1_after')} |",
+            f"| pass@8 | {g['pass8_after_n']} | {_cell(g, 'pass8_before')} | {_cell(g, 'pass8_after')} |",
+            f"| greedy answer right | {g['greedy_after_n']} | {_cell(g, 'greedy_before')} | {_cell(g, 'greedy_after')} |",
+            "", f"KL to the reference at the last step {g['kl_final']:.4f}; trivial baseline of these questions "
+            f"{g['pass_baseline']:.3f}. Reward per step: ![reward](report_losses.png)"]
+
+
 def plot(report, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     s = report["stages"]
     names = ["pretrain", *CHAT_STAGES]
-    fig, axes = plt.subplots(1, len(names), figsize=(15, 3))
-    for ax, name in zip(axes, names):
-        steps, losses = zip(*s[name]["curve"])
-        ax.plot(steps, losses)
-        ax.set_title(name)
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(19, 3))
+    curves = [(name, "loss", s[name]["curve"]) for name in names] + [("grpo", "reward", s["grpo"]["reward_curve"])]
+    for ax, (name, what, curve) in zip(axes, curves):
+        steps, values = zip(*curve)
+        ax.plot(steps, values, color="tab:green" if what == "reward" else None)
+        ax.set_title(name if what == "loss" else f"{name} reward")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss")
@@ -355,10 +464,15 @@ def plot(report, out):
             ("LoRA identity", l["identity_before"], l["identity_after"], None),
             ("DPO preference", d["pref_acc_before"], d["pref_acc_after"], d["pref_baseline_longer_or_shorter"]),
             ("rude/evasive", d["rude_before"], d["rude_after"], None),
+            ("with tools (vs without)", s["tools"]["without_tools"], s["tools"]["with_tools"],
+             s["tools"]["with_tools_baseline"]),
+            ("thinking (vs direct)", s["thinking"]["direct"], s["thinking"]["with_thinking"],
+             s["thinking"]["with_thinking_baseline"]),
+            ("GRPO pass@1", s["grpo"]["pass1_before"], s["grpo"]["pass1_after"], s["grpo"]["pass_baseline"]),
             ("final: held-out QA", None, z["heldout_accuracy"], z["heldout_baseline"]),
             ("C-Eval cloze", None, c["cloze_accuracy"], c["baseline"]),
             ("C-Eval letter", None, c["letter_accuracy"], c["baseline"])]
-    fig, ax = plt.subplots(figsize=(14, 3.8))
+    fig, ax = plt.subplots(figsize=(17, 3.8))
     for i, (label, before, after, base) in enumerate(bars):
         if before is not None:
             ax.bar(i - 0.2, before, width=0.4, color="tab:blue", label="before" if i == 2 else None)

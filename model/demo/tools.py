@@ -3,13 +3,15 @@ them and thinking through two-hop questions, and the tool loop run as a client r
 tool and a written-down middle step give a tiny model."""
 import inspect
 import json
+import random
 import re
 from fractions import Fraction
 from pathlib import Path
 
 from .. import chat_format
 from ..generate import SamplingParams, run_to_completion
-from .world import TYPES, attrs_of, build_world, canonical_answer, languages
+from .world import (ANIMAL_KINDS, INVENTION_KINDS, SCHEMA, TYPES, Names, _value, attrs_of, build_world,
+                    canonical_answer, languages)
 
 TOOLS = [
     {"type": "function", "function": {
@@ -39,14 +41,51 @@ def load_world(data_dir="dataset/demo"):
                          "python data_process.py demo writes it") from None
 
 
+ENCYCLOPEDIA_PER_TYPE = 16  # entities per type that exist only in the encyclopedia, never in pretraining text
+ENCYCLOPEDIA_HELDOUT = 6  # of those per type, the ones no training row names (the tool measure's questions)
+
+
+def encyclopedia(world):
+    """The entities only the encyclopedia knows: made-up names no entity of the world and no unknown name of the
+    abstention lessons has (so lookup finds them and only them), with facts drawn like the world's. Chinese only;
+    a reference (a hometown, an inventor) names an SFT entity. Built once per world, from its seed alone."""
+    if "encyclopedia" not in world:
+        from .unknowns import unknown_names
+        rng = random.Random(f"minimind-demo-encyclopedia-{world['seed']}")
+        names = Names(rng)
+        stems = [(c["zh"][:-1], c["en"][:-4]) for c in world["countries"]]
+        stems += [(e["zh"] if e["type"] == "person" else e["zh"][:-1], e["en"].split(" ")[0])
+                  for t in TYPES for e in world["entities"][t]]
+        train, evaluated = unknown_names(world, world["seed"])
+        stems += [(n["zh"] if t == "person" else n["zh"][:-1], n["en"].split(" ")[0]) for t, n in train + evaluated]
+        for zh, en in stems:
+            names.used_zh.add(zh)
+            names.used_en.add(en.lower())
+        entries = []
+        for etype in TYPES:
+            for i in range(ENCYCLOPEDIA_PER_TYPE):
+                zh, en = names.stem(3 if etype == "person" else 2)
+                if etype != "person":
+                    kind = rng.choice({"animal": ANIMAL_KINDS, "invention": INVENTION_KINDS}.get(etype, [("城", "City")]))
+                    zh, en = zh + kind[0], f"{en} {kind[1]}"
+                e = {"type": etype, "zh": zh, "en": en, "bilingual": False, "attrs": {},
+                     "split": "heldout" if i < ENCYCLOPEDIA_HELDOUT else "sft"}
+                for attr in attrs_of(etype):
+                    values = SCHEMA[etype][attr]["values"]
+                    e["attrs"][attr] = (rng.choice(world["pools"][values]["sft"]) if isinstance(values, str)
+                                        else _value(rng.choice(values)))
+                entries.append(e)
+        world["encyclopedia"] = entries
+    return world["encyclopedia"]
+
+
 def find(world, name):
-    """(entity, language of the name) for a name as the world writes it, or (None, language)."""
+    """(entity, language of the name) for a name as the world or its encyclopedia writes it, or (None, language)."""
     lang = "zh" if re.search(r"[\u4e00-\u9fff]", name) else "en"
     key = name.strip().lower()
-    for etype in TYPES:
-        for e in world["entities"][etype]:
-            if key in (e["zh"], e["en"].lower()):
-                return e, ("en" if key == e["en"].lower() else "zh")
+    for e in [e for etype in TYPES for e in world["entities"][etype]] + encyclopedia(world):
+        if key in (e["zh"], e["en"].lower()):
+            return e, ("en" if key == e["en"].lower() else "zh")
     return None, lang
 
 
