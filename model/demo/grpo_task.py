@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write
-from ..generate import SamplingParams
+from ..sampling import SamplingParams
 from ..rewards import answer_reward
 from . import world as W
 from .measure import generate_all, proportion, sample, value_baselines
