@@ -1,6 +1,7 @@
-"""The generation engine shared by 2-eval.py, the API server and the Streamlit page: chat prompts, a KV cache
-allocated once, prefill of several prompts in one forward, and decode steps of one token for every request in
-flight in one batched forward.
+"""The generation engine: a KV cache allocated once, prompts prefilled together, all in flight decoded in one batch.
+
+Shared by 2-eval.py, the API server and the Streamlit page: chat prompts, prefill of several prompts in one
+forward, and decode steps of one token for every request in flight in one batched forward.
 
 Usage
 -----
@@ -14,7 +15,8 @@ Usage
     engine.last                                           # Completion of that stream (see below)
     done = engine.complete("<s>长江", temperature=0, max_new_tokens=64)  # a str is continued as is: no template
     done.text, done.finish_reason, done.prompt_tokens, done.completion_tokens, done.truncated
-    run_to_completion(Engine(model, tokenizer, max_batch=16), [engine.prepare(p, params) for p in prompts])
+    batch = Engine(model, tokenizer, max_batch=16)        # many prompts, up to 16 decoding at once
+    done = run_to_completion(batch, [batch.prepare(p, params) for p in prompts])  # their Completions, in order
 
 Concurrent requests from other threads: model/scheduler.py. Sampling parameters: model/sampling.py.
 

@@ -1,5 +1,7 @@
-"""Sampling: what each parameter accepts, SamplingParams, the distribution a token is drawn from (penalties,
-temperature, top-k, top-p), tokens' log-probabilities, and UTF-8-safe text streaming with stop strings.
+"""Sampling: parameters and their rules, the distribution a token is drawn from, log-probabilities, text streaming.
+
+What each parameter accepts, the penalties, temperature, top-k and top-p, tokens' log-probabilities, and text
+deltas that never split a UTF-8 character nor show a stop string.
 
 Sampling (SamplingParams fields, or keyword arguments of Engine.stream / Engine.complete):
     temperature         0 = greedy (argmax), else logits / temperature, at most 2 default 0.7

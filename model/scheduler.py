@@ -1,5 +1,6 @@
-"""A scheduler thread that serves concurrent requests from one Engine: requests join and leave between steps,
-everything in flight decodes in one batch, and a request that fails ends alone.
+"""A scheduler thread that serves concurrent requests from one Engine, all in flight decoded in one batch.
+
+Requests join and leave between steps, and a request that fails ends alone.
 
 Usage
 -----

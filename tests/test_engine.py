@@ -233,9 +233,9 @@ def test_frequency_penalty_and_logit_bias_change_what_is_generated(engine, monke
     first_other = next(i for i, t in enumerate(paced) if t != 7)
     assert 20 <= first_other < 100, paced
     # the presence penalty sees, at each step, how often each token is in the answer so far (prompt excluded)
-    from model import engine as engine_module
-    seen_counts, real = [], engine_module.openai_adjusted
-    monkeypatch.setattr(engine_module, "openai_adjusted", lambda x, p, c: seen_counts.append(c.clone()) or real(x, p, c))
+    from model import engine as generation
+    seen_counts, real = [], generation.openai_adjusted
+    monkeypatch.setattr(generation, "openai_adjusted", lambda x, p, c: seen_counts.append(c.clone()) or real(x, p, c))
     ids = engine.complete(HELLO, SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True,
                                                 presence_penalty=-2)).token_ids
     assert len(seen_counts) == 10
