@@ -71,7 +71,8 @@ class Attention(nn.Module):
         if self.wqkv is None:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         else:
-            q, k, v = self.wqkv(x).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], dim=-1)
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
