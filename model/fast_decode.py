@@ -4,7 +4,7 @@ import copy
 import torch
 from torch import nn
 
-from .model import Attention, FeedForward
+from .model import FeedForward
 
 
 class SkinnyLinear(nn.Module):
@@ -47,10 +47,10 @@ def decode_model(model):
     product a SkinnyLinear. It runs the model's own forward over copies of the weights: prepare it again after
     they change."""
     fast = copy_tree(model.eval())
-    for m in list(fast.modules()):
-        if isinstance(m, Attention):
-            m.wqkv, m.wo = SkinnyLinear(m.wq, m.wk, m.wv), SkinnyLinear(m.wo)
-        elif isinstance(m, FeedForward):
-            m.w13, m.w2 = SkinnyLinear(m.w1, m.w3), SkinnyLinear(m.w2)
+    for layer in fast.layers:
+        a, ff = layer.attention, layer.feed_forward
+        a.wqkv, a.wo = SkinnyLinear(a.wq, a.wk, a.wv), SkinnyLinear(a.wo)
+        if isinstance(ff, FeedForward):  # experts run as they are: no two copies of every expert
+            ff.w13, ff.w2 = SkinnyLinear(ff.w1, ff.w3), SkinnyLinear(ff.w2)
     fast.output = SkinnyLinear(fast.output)
     return fast
