@@ -5,7 +5,7 @@ import sys
 
 from model.cli import add_model_args, add_sampling_args, load_or_exit, sampling_kwargs
 from model.evaluation import bits_per_byte, read_documents, read_prompts
-from model.generate import Engine
+from model.engine import Engine
 
 DEMO_PROMPTS = [
     "长江是中国", "泰山位于", "世界上最高的山峰是", "牛顿提出了", "大熊猫主要吃", "人工智能的发展",

@@ -8,7 +8,7 @@ from model import chat_format
 from model.cli import add_model_args, add_sampling_args, load_or_exit, sampling_kwargs
 from model.demo.tools import TOOLS, load_world, run_tool
 from model.evaluation import chat_input_ids, read_prompts
-from model.generate import Engine
+from model.engine import Engine
 
 DEMO_QUESTIONS = [
     "长江有多长？", "泰山在哪里？", "世界上最高的山峰是什么？", "万有引力是谁提出的？", "大熊猫的主要食物是什么？",

@@ -96,7 +96,8 @@ def count_fn(args):
 def make_rollout(tokenizer, reference, reward, args, runtime):
     """rollout(model, batch, seed): num_generations answers per prompt sampled in one batch by the generation
     engine (KV cache), each request seeded from the step's seed, then scored into a training batch."""
-    from model.generate import Engine, SamplingParams, run_to_completion
+    from model.engine import Engine, run_to_completion
+    from model.sampling import SamplingParams
     engines = {}
 
     def rollout(model, batch, seed):

@@ -15,7 +15,9 @@ import streamlit as st
 from model import chat_format
 from model.checkpoint import load_model
 from model.cli import add_model_args, sampling_type
-from model.generate import Engine, SamplingParams, Scheduler, single_torch_thread
+from model.engine import Engine
+from model.sampling import SamplingParams
+from model.scheduler import Scheduler, single_torch_thread
 
 DEFAULTS = SamplingParams()  # the sidebar's starting values
 

@@ -34,7 +34,9 @@ from starlette.requests import ClientDisconnect
 from model import chat_format
 from model.checkpoint import weights_name
 from model.cli import add_model_args, load_or_exit
-from model.generate import Engine, SamplingParams, Scheduler, sampling_problem, single_torch_thread
+from model.engine import Engine
+from model.sampling import SamplingParams, sampling_problem
+from model.scheduler import Scheduler, single_torch_thread
 
 log = logging.getLogger("minimind.api")
 ROLES = ("system", "user", "assistant", "tool", "developer")  # "developer" is OpenAI's newer name for system

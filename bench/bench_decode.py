@@ -16,7 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model.generate import Engine, SamplingParams  # noqa: E402
+from model.engine import Engine  # noqa: E402
+from model.fast_decode import SkinnyLinear  # noqa: E402
+from model.sampling import SamplingParams  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 from model.model import Transformer  # noqa: E402
 
@@ -47,12 +49,11 @@ def reference_model(config):
 def weight_floor(decoder, model, repeats=20):
     """Tokens/s if a decode step did nothing but its matrix products (our layout, then nn.Linear's): batch-1
     decoding reads every weight once per token, so this is the bound for any fp32 implementation here."""
-    d = decoder
-    ours = [w for group in (d.qkv, d.wo, d.w13, d.w2) for w in group if w is not None] + [d.out]
+    ours = [m for m in decoder.modules() if isinstance(m, SkinnyLinear)]
     linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     floors = []
     with torch.inference_mode():
-        for weights, product in ((ours, lambda w: torch.ones(1, w.n_in) @ w),
+        for weights, product in ((ours, lambda m: m(torch.ones(1, m.n_in))),
                                  (linear, lambda w: torch.nn.functional.linear(torch.ones(1, w.shape[1]), w))):
             for w in weights:
                 product(w)
@@ -138,7 +139,7 @@ def main():
     ours_tps, ref_tps = statistics.median(times["ours"]), statistics.median(times["transformers"])
     print(f"median: ours {ours_tps:.1f} tokens/s, transformers generate() {ref_tps:.1f} tokens/s, "
           f"ratio {ours_tps / ref_tps:.2f}x (target >= 4x)")
-    if ours.decoder is not None and args.device == "cpu":
+    if ours.fast and args.device == "cpu":
         floor_ours, floor_linear = weight_floor(ours.decoder, ours.model)
         print(f"matrix products alone (one pass over the weights per token): {floor_ours:.1f} tokens/s in our layout, "
               f"{floor_linear:.1f} in nn.Linear's; ours runs at {ours_tps / floor_ours:.0%} of its bound, "

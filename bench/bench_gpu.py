@@ -275,7 +275,8 @@ def bench_engine(label, model, args, device, peak, bare, fpt):
 def bench_decode(label, model, args, device):
     """Decoding through the serving engine (half-precision weights on a GPU, as the server loads them)."""
     from model.device import cuda_dtype
-    from model.generate import Engine, SamplingParams
+    from model.engine import Engine
+    from model.sampling import SamplingParams
     if device.type == "cuda":
         model = model.to(device=device, dtype=getattr(torch, cuda_dtype(torch.cuda.get_device_capability(device))))
     model = model.to(device).eval()

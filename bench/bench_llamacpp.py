@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_decode import machine  # noqa: E402
 from bench_serve import QUESTIONS  # noqa: E402
 from model.checkpoint import DEFAULT_TOKENIZER, load_model  # noqa: E402
-from model.generate import Engine  # noqa: E402
+from model.engine import Engine  # noqa: E402
 from model.gguf_export import (CHECK_TEXTS, OUTTYPES, agreement, llama_greedy, llama_logits,  # noqa: E402
                                llama_tokenize, open_llama, write_gguf)
 

@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import machine  # noqa: E402
-from model.generate import Engine, SamplingParams, run_to_completion  # noqa: E402
+from model.engine import Engine, run_to_completion  # noqa: E402
+from model.sampling import SamplingParams  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 from model.model import Transformer  # noqa: E402
 

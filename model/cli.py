@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import DEFAULT_TOKENIZER, STAGE_SCRIPTS, CheckpointError, load_model_and_tokenizer
 from .files import first_line
-from .generate import SAMPLING_RULES, SamplingParams
+from .sampling import SAMPLING_RULES, SamplingParams
 
 # ----------------------------------------------------------------------------- flag helpers
 

@@ -388,7 +388,7 @@ def bits_per_byte(model, tokenizer, documents, max_len=None):
     own markers: models with different tokenizers compare. Returns {"bpb", "bytes", "tokens", "documents",
     "nats"}."""
     from .dataset import special_ids
-    from .generate import token_bytes_table
+    from .sampling import token_bytes_table
     max_len = max_len or model.config.max_seq_len
     spelled = [len(b) for b in token_bytes_table(tokenizer, model.config.vocab_size)]
     bos = special_ids(tokenizer)[0]

@@ -64,20 +64,27 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.wo.writes_residual = True
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.wqkv = None  # the three projections as one product: set on a copy for decoding (model/fast_decode.py)
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         dropout = self.dropout if self.training else 0.0
         if self.flash:
-            # mask is None only for a plain causal pass without cache or padding
+            # mask is None for a plain causal pass, or for one new token that sees every key
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads)
+                                               is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             y = math_attention(q, k, v, mask, dropout, self.training)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
@@ -107,9 +114,11 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2.writes_residual = True
         self.dropout = nn.Dropout(dropout)
+        self.w13 = None  # gate and up as one product: set on a copy for decoding (model/fast_decode.py)
 
     def forward(self, x):
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        gate, up = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x).chunk(2, dim=-1)
+        return self.dropout(self.w2(F.silu(gate) * up))
 
 
 class MoEGate(nn.Module):
@@ -200,9 +209,10 @@ class MiniMindOutput(CausalLMOutputWithPast):
 
 
 def build_attention_mask(attention_mask, T, past_len, device):
-    """Boolean (B, 1, T, past_len + T) mask: causal, keys that are padding hidden. None when plain causal works."""
+    """Boolean (B, 1, T, past_len + T) mask: causal, keys that are padding hidden. None when plain causal works or
+    one new token sees every key."""
     S = past_len + T
-    if attention_mask is None and past_len == 0:
+    if attention_mask is None and (past_len == 0 or T == 1):
         return None
     causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(past_len)
     mask = causal[None, None]

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 
 import tiny_chat_model as tiny
 from model.checkpoint import load_model
-from model.generate import Engine, SamplingParams
+from model.engine import Engine
+from model.sampling import SamplingParams
 
 ROOT = tiny.ROOT
 HELLO = [{"role": "user", "content": tiny.CONVERSATIONS[0][0]}]

@@ -14,7 +14,7 @@ import os
 import signal
 
 import tiny_chat_model as tiny
-from model.generate import SamplingParams
+from model.sampling import SamplingParams
 from serving_helpers import (HANG_GUARD_S, HELLO, ROOT, engine, paths, questions, solo, start_server,  # noqa: F401
                              tokenizer, wait_healthy, wait_until)
 

@@ -122,7 +122,7 @@ def test_tool_loop_on_a_real_engine(world):
     """The batched loop drives the project's engine (a random tiny model: whatever it says, the loop ends)."""
     import torch
     from transformers import AutoTokenizer
-    from model.generate import Engine
+    from model.engine import Engine
     from model.LMConfig import LMConfig
     from model.model import Transformer
     torch.manual_seed(0)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from model.checkpoint import load_model
-from model.generate import Engine, Request, SamplingParams, Scheduler, TextStream, sample_token
+from model.engine import Engine, Request
+from model.sampling import SamplingParams, TextStream, sample_token
+from model.scheduler import Scheduler
 from serving_helpers import HELLO, engine, paths, questions, tokenizer, wait_until  # noqa: F401
 
 
@@ -36,8 +38,8 @@ def test_static_cache_matches_plain_forward(engine):
 
 @pytest.mark.parametrize("use_moe,rows", [(False, 3), (False, 6), (True, 3), (True, 6)])
 def test_fast_decoder_logits_equal_model_forward(use_moe, rows):
-    """One batched decode step, rows at different positions: FastDecoder against the model's own forward
-    (below 4 rows and from 4 on, SkinnyWeight multiplies in different layouts)."""
+    """One batched decode step, rows at different positions: the fast decode model (its linear layers swapped)
+    against the model itself (below 4 rows and from 4 on, SkinnyLinear multiplies in different layouts)."""
     from model.LMConfig import LMConfig
     from model.model import Transformer
     torch.manual_seed(0)
@@ -52,7 +54,7 @@ def test_fast_decoder_logits_equal_model_forward(use_moe, rows):
     positions = torch.tensor([r.n_cached for r in fast.active])
     window = int(positions.max()) + 1
     with torch.inference_mode():
-        got = fast.decoder(tokens, positions, window, fast.cache)
+        got = fast.decode(tokens, positions, window)
         fast.cache.decode(positions, window)  # the same step again, through the model (same cache contents)
         want = model(tokens[:, None], attention_mask=torch.arange(window)[None] <= positions[:, None],
                      position_ids=positions[:, None], cache=fast.cache, logits_to_keep=1).logits[:, -1]
@@ -203,7 +205,7 @@ def test_scheduler_stream_and_cancel(engine):
 
 
 def test_openai_penalties_and_logit_bias_follow_the_documented_formula():
-    from model.generate import openai_adjusted
+    from model.sampling import openai_adjusted
     logits = torch.tensor([1.0, 2.0, 3.0, 0.5])
     counts = torch.tensor([0.0, 2.0, 1.0, 0.0], dtype=torch.float64)
     p = SamplingParams(frequency_penalty=0.5, presence_penalty=1.5, logit_bias={0: 10, 3: -100})
@@ -231,9 +233,9 @@ def test_frequency_penalty_and_logit_bias_change_what_is_generated(engine, monke
     first_other = next(i for i, t in enumerate(paced) if t != 7)
     assert 20 <= first_other < 100, paced
     # the presence penalty sees, at each step, how often each token is in the answer so far (prompt excluded)
-    from model import generate
-    seen_counts, real = [], generate.openai_adjusted
-    monkeypatch.setattr(generate, "openai_adjusted", lambda x, p, c: seen_counts.append(c.clone()) or real(x, p, c))
+    from model import engine as generation
+    seen_counts, real = [], generation.openai_adjusted
+    monkeypatch.setattr(generation, "openai_adjusted", lambda x, p, c: seen_counts.append(c.clone()) or real(x, p, c))
     ids = engine.complete(HELLO, SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True,
                                                 presence_penalty=-2)).token_ids
     assert len(seen_counts) == 10

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from model import chat_format
-from model.generate import openai_adjusted, penalized_logits, sample_token, sampling_probs
+from model.sampling import openai_adjusted, penalized_logits, sample_token, sampling_probs
 from my_openai_api import APIError, parse_messages, parse_request, parse_tool_options
 from serving_helpers import (HANG_GUARD_S, engine, paths, questions, solo, start_server,  # noqa: F401
                              tokenizer, wait_healthy, wait_until)

@@ -281,12 +281,16 @@ def test_the_demo_tokenizer_exports_exactly(tmp_path, demo_tokenizer, capsys):
     assert f"tokenization equal on {checked}/{checked} texts" in said and checked > 7 + len(names) // 16
     meta, _ = read_gguf(gguf_path)
     types = meta["tokenizer.ggml.token_type"]
-    assert sum(t == 4 for t in types) == len(names) and sum(t == 3 for t in types) == 3  # user-defined, control
+    from model import chat_format
+    # user-defined (the names and the chat format's markers), control (<unk>, <s>, </s>)
+    assert sum(t == 4 for t in types) == len(names) + len(chat_format.MARKERS) and sum(t == 3 for t in types) == 3
     # every held-out and SFT question as a chat prompt, and every name alone: the same ids as ours
     rows = [json.loads(line) for f in ("eval_pretrain.jsonl", "eval_sft.jsonl")
             for line in (data / f).read_text(encoding="utf-8").splitlines()]
     prompts = [tok.apply_chat_template([{"role": "user", "content": r.get("prompt") or r["question"]}],
                                        tokenize=False, add_generation_prompt=True) for r in rows]
+    prompts += [chat_format.render(r["conversations"], r.get("tools"), enable_thinking=r.get("enable_thinking"))
+                for r in map(json.loads, (data / "sft_tools.jsonl").read_text(encoding="utf-8").splitlines()[:40])]
     llm = open_llama(gguf_path, n_ctx=512)
     try:
         differ = [t for t in prompts + names if llama_tokenize(llm, t) != tok.encode(t, add_special_tokens=False)]

@@ -189,14 +189,14 @@ def test_compile_trains_like_eager(tmp_path):
 
 
 def tiny_engine(batched, max_batch=6, **to):
-    from model.generate import Engine
+    from model.engine import Engine
     torch.manual_seed(0)
     model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=300, max_seq_len=64))
     return Engine(model.eval().to(**to), None, max_batch=max_batch, batched_sampling=batched)
 
 
 def mixed_requests(engine):
-    from model.generate import SamplingParams
+    from model.sampling import SamplingParams
     params = [dict(temperature=0), dict(temperature=0.8, seed=1), dict(temperature=0, repetition_penalty=1.3),
               dict(temperature=1.2, top_k=20, seed=2), dict(temperature=0.9, top_p=0.5, seed=3, repetition_penalty=2),
               dict(temperature=0.5, seed=4)]
@@ -216,7 +216,7 @@ def test_batched_sampling_picks_the_row_by_row_tokens_with_one_transfer_per_step
             real = getattr(torch.Tensor, name)
 
             def counted(self, *a, _real=real, _name=name, **k):
-                if sys._getframe(1).f_code.co_filename.endswith("generate.py"):
+                if sys._getframe(1).f_code.co_filename.endswith(("sampling.py", "engine.py")):
                     transfers.append(_name)
                 return _real(self, *a, **k)
             monkeypatch.setattr(torch.Tensor, name, counted)
@@ -235,7 +235,7 @@ def test_batched_sampling_picks_the_row_by_row_tokens_with_one_transfer_per_step
 
 
 def test_batched_sampling_fails_a_nan_row_alone():
-    from model.generate import pick_tokens
+    from model.sampling import pick_tokens
     engine = tiny_engine(True)
     reqs = mixed_requests(engine)[:3]
     logits = torch.randn(3, 300)
@@ -248,7 +248,7 @@ def test_batched_sampling_fails_a_nan_row_alone():
 def test_prefill_asks_sdpa_for_causal_attention_without_a_mask(monkeypatch):
     """Flash attention takes no mask: prefill must reach SDPA with is_causal and attn_mask None."""
     import torch.nn.functional as F
-    from model.generate import SamplingParams
+    from model.sampling import SamplingParams
     seen, real = [], F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):

@@ -17,9 +17,11 @@ import torch
 import uvicorn
 
 import tiny_chat_model as tiny
-from model import generate
+from model import engine as engine_module
 from model.checkpoint import load_model, load_tensors, save_weights
-from model.generate import Engine, SamplingParams, Scheduler, sampling_probs, sample_token
+from model.engine import Engine
+from model.sampling import SamplingParams, sample_token, sampling_probs
+from model.scheduler import Scheduler
 from my_openai_api import create_app
 from serving_helpers import HANG_GUARD_S, HELLO, paths, tokenizer, wait_until  # noqa: F401  (the tiny model)
 from test_user_errors import Payload
@@ -88,7 +90,7 @@ def test_a_request_failing_mid_batch_fails_alone(model, tokenizer, monkeypatch):
     alone = [engine.complete(p, q).token_ids for p, q in zip(prompts, params)]
     completed_alone = engine.counters["completed"]
     params[2] = SamplingParams(temperature=0.5, seed=666, max_new_tokens=24, ignore_eos=True)  # the one to fail
-    real_sample, seen = generate.sample_token, {"calls": 0, "batch": 0}
+    real_sample, seen = engine_module.sample_token, {"calls": 0, "batch": 0}
 
     def flaky(logits, p, generator=None, mask=None):
         if p.seed == 666:
@@ -98,7 +100,7 @@ def test_a_request_failing_mid_batch_fails_alone(model, tokenizer, monkeypatch):
                 raise RuntimeError("injected sampling failure")
         return real_sample(logits, p, generator, mask)
 
-    monkeypatch.setattr(generate, "sample_token", flaky)
+    monkeypatch.setattr(engine_module, "sample_token", flaky)
     sched = Scheduler(engine, threads=1)
     try:
         reqs = run_together(sched, prompts, params)
@@ -254,7 +256,7 @@ def test_an_injected_failure_over_http_fails_one_stream_alone(live, monkeypatch)
     prompts = questions(4)
     alone = [engine.complete(p, temperature=0, max_new_tokens=20).text for p in prompts]
     streams_queued, all_streaming, bad_queued = threading.Event(), threading.Event(), threading.Event()
-    real_sample, real_submit, queued, failed_beside = generate.sample_token, sched.submit, [], []
+    real_sample, real_submit, queued, failed_beside = engine_module.sample_token, sched.submit, [], []
 
     def flaky(logits, p, generator=None, mask=None):  # runs on the scheduler thread
         if p.seed == 666:
@@ -275,7 +277,7 @@ def test_an_injected_failure_over_http_fails_one_stream_alone(live, monkeypatch)
             bad_queued.set()
         return req
 
-    monkeypatch.setattr(generate, "sample_token", flaky)
+    monkeypatch.setattr(engine_module, "sample_token", flaky)
     monkeypatch.setattr(sched, "submit", submit)
     results = {}
 

@@ -7,7 +7,8 @@ import openai
 import pytest
 import torch
 
-from model.generate import SamplingParams, Scheduler
+from model.sampling import SamplingParams
+from model.scheduler import Scheduler
 from serving_helpers import (HANG_GUARD_S, engine, paths, questions, start_server, tokenizer,  # noqa: F401
                              wait_healthy)
 

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 import tiny_chat_model as tiny
 from model.checkpoint import load_model
-from model.generate import Engine
+from model.engine import Engine
 
 ROOT = tiny.ROOT
 PAGE = str(ROOT / "fast_inference.py")

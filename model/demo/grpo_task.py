@@ -6,7 +6,7 @@ from math import comb
 
 import numpy as np
 
-from ..generate import SamplingParams
+from ..sampling import SamplingParams
 from ..rewards import answer_reward
 from . import world as W
 from .measure import generate_all, proportion, sample, value_baselines

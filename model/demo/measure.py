@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..generate import Engine, SamplingParams, run_to_completion
+from ..engine import Engine, run_to_completion
+from ..sampling import SamplingParams
 
 SENTENCE_END = re.compile(r"[。！？!?]|\.(?=\s|$)")
 

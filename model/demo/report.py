@@ -220,7 +220,7 @@ def skill_measures(s, models, tok, files, manifest, ev):
     """What a tool and a written-down thought give: on the SFT checkpoint, whose data taught them (stages.tools,
     stages.thinking), and on the final model."""
     from . import skills
-    from ..generate import Engine
+    from ..engine import Engine
     from .tools import load_world
     world = load_world(Path(files["eval_tools"]).parent)
     rows = M.read_jsonl(files["eval_tools"])

@@ -9,7 +9,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from .. import chat_format
-from ..generate import SamplingParams, run_to_completion
+from ..engine import run_to_completion
+from ..sampling import SamplingParams
 from .world import (ANIMAL_KINDS, INVENTION_KINDS, SCHEMA, TYPES, Names, _value, attrs_of, build_world,
                     canonical_answer, languages)
 
