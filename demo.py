@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-STAGES = ("data", "tokenizer", "pretrain", "sft", "sft_multi", "lora", "dpo", "grpo", "ceval", "ceval_cloze", "export")
+STAGES = ("data", "tokenizer", "pretrain", "sft", "sft_multi", "lora", "dpo", "tools", "grpo", "ceval", "ceval_cloze",
+          "export")
 
 
 def parse_args(argv=None):
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--lora_lr", type=float, default=5e-3,
                    help="LoRA sits inside the chain: 1e-2 gave the identity but cost a third of the held-out answers")
     p.add_argument("--dpo_lr", type=float, default=3e-5)
+    p.add_argument("--tools_lr", type=float, default=3e-5,
+                   help="the tool and thinking stage: low, as every lesson after SFT, so held-out answers survive")
     p.add_argument("--grpo_lr", type=float, default=2e-5)
     p.add_argument("--grpo_steps", type=int, default=60, help="GRPO steps of 8 prompts x 8 sampled answers")
     p.add_argument("--dtype", default="auto", help="autocast precision of every training stage (see 1-pretrain.py)")
@@ -104,8 +107,8 @@ class Pipeline:
 
 
 # the rough share of a default run's time each stage takes (measured on a 2-core CPU), for the time-left estimate
-WORK_SHARE = {"data": 0.02, "tokenizer": 0.02, "pretrain": 0.42, "sft": 0.16, "sft_multi": 0.1, "lora": 0.06,
-              "dpo": 0.06, "grpo": 0.1, "ceval": 0.01, "ceval_cloze": 0.01, "export": 0.01}
+WORK_SHARE = {"data": 0.02, "tokenizer": 0.02, "pretrain": 0.4, "sft": 0.12, "sft_multi": 0.1, "lora": 0.06,
+              "dpo": 0.05, "tools": 0.1, "grpo": 0.09, "ceval": 0.01, "ceval_cloze": 0.01, "export": 0.01}
 
 
 def clock(seconds):
@@ -173,7 +176,10 @@ def training_chain(args, out, files, tokenizer, vocab, name):
                   "--epochs", ep(3), "--batch_size", 16, "--learning_rate", args.lora_lr, "--merge"], out / name("lora")),
         ("dpo", ["5-dpo_train.py", *common, "--init", out / name("lora"), "--data_path", files["dpo"],
                  "--epochs", ep(2), "--batch_size", 16, "--learning_rate", args.dpo_lr, "--beta", 0.1], out / name("rl")),
-        ("grpo", ["6-grpo_train.py", *every_step, "--init", out / name("rl"), "--data_path", files["grpo"],
+        ("tools", ["3-full_sft.py", *common, "--init", out / name("rl"), "--out_name", "full_sft_tools",
+                   "--data_path", files["sft_tools"], "--epochs", ep(2), "--batch_size", 16,
+                   "--learning_rate", args.tools_lr], out / name("full_sft_tools")),
+        ("grpo", ["6-grpo_train.py", *every_step, "--init", out / name("full_sft_tools"), "--data_path", files["grpo"],
                   "--batch_size", 8, "--num_generations", 8, "--max_new_tokens", 40, "--learning_rate", args.grpo_lr,
                   "--max_steps", max(1, round(args.grpo_steps * args.scale)), "--warmup_iters", 5], out / name("grpo")),
     ]
@@ -211,7 +217,7 @@ def main():
     print(f"[{pipe.elapsed()}] measuring every stage on held-out data", flush=True)
     from model.demo.report import measure, write_report
     names = {"pretrain": name("pretrain"), "sft": name("full_sft"), "sft_multi": name("full_sft_multi"),
-             "lora": name("lora"), "dpo": name("rl"), "grpo": name("grpo")}
+             "lora": name("lora"), "dpo": name("rl"), "tools": name("full_sft_tools"), "grpo": name("grpo")}
     metrics = {stage: Path(n).with_suffix(".metrics.jsonl").name for stage, n in names.items()}
     metrics["lora"] = Path(name("lora_sft")).with_suffix(".metrics.jsonl").name  # the adapter's training log
     measuring = time.time()

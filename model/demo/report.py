@@ -43,7 +43,7 @@ TARGETS = [
     ("final", "with_thinking", 0.60, [("thinking.with_thinking", -0.05)]),
     ("ceval_demo", "cloze_accuracy", 0.60, [("baseline", 0.30)]),
 ]
-CHAT_STAGES = ("sft", "sft_multi", "lora", "dpo", "grpo")  # the chain's chat checkpoints in order; the last is final
+CHAT_STAGES = ("sft", "sft_multi", "lora", "dpo", "tools", "grpo")  # the chain's chat checkpoints in order; the last is final
 SKILL_MEASURES = ("with_tools", "without_tools", "unneeded_calls", "with_thinking", "direct")  # also on the final model
 CHAT_MEASURES = [  # (key, what it is) measured on every chat stage
     ("heldout_accuracy", "questions about held-out entities (facts only in pretraining)"),
@@ -217,8 +217,8 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
 
 
 def skill_measures(s, models, tok, files, manifest, ev):
-    """What a tool and a written-down thought give: on the SFT checkpoint, whose data taught them (stages.tools,
-    stages.thinking), and on the final model."""
+    """What a tool and a written-down thought give: on the checkpoint of the stage that taught them (stages.tools,
+    stages.thinking) and on the final model."""
     from . import skills
     from ..engine import Engine
     from .tools import load_world
@@ -227,8 +227,8 @@ def skill_measures(s, models, tok, files, manifest, ev):
     rows = {"tools": [r for r in rows if r["kind"] != "known"], "known": [r for r in rows if r["kind"] == "known"]}
     unknown = [r for r in ev["abstain"] if r["kind"] == "unknown_name"]
     two_hop = M.read_jsonl(files["eval_thinking"])
-    s["tools"], s["thinking"] = {"checkpoint": "sft"}, {"checkpoint": "sft"}
-    for stage, where, thinking in (("sft", s["tools"], s["thinking"]), ("grpo", s["final"], s["final"])):
+    s["thinking"] = {}
+    for stage, where, thinking in (("tools", s["tools"], s["thinking"]), ("grpo", s["final"], s["final"])):
         engine = Engine(models[stage], tok, max_batch=64)
         t = skills.tool_measures(engine, world, rows, unknown, manifest["sft_value_counts"])
         where["tool_examples"] = t.pop("examples")
@@ -245,10 +245,10 @@ def skill_measures(s, models, tok, files, manifest, ev):
 
 
 def grpo_measures(grpo, models, tok, files, manifest, limit):
-    """pass@1 and pass@8 of sampled answers to held-out questions before GRPO (the DPO model) and after."""
+    """pass@1 and pass@8 of sampled answers to held-out questions before GRPO (the model it starts from) and after."""
     from .grpo_task import TASK, pass_at_k
     rows = M.read_jsonl(files["eval_grpo"])
-    before = pass_at_k(models["dpo"], tok, rows, limit=limit, sft_value_counts=manifest["sft_value_counts"])
+    before = pass_at_k(models["tools"], tok, rows, limit=limit, sft_value_counts=manifest["sft_value_counts"])
     after = pass_at_k(models["grpo"], tok, rows, limit=limit)
     put(grpo, "pass1_before", before["pass1"])
     put(grpo, "pass8_before", before["pass8"])
@@ -312,8 +312,8 @@ def write_report(report, out):
              f"({report.get('cpu', '')}). World seed {report.get('world', {}).get('seed', '')}, "
              f"{report.get('world', {}).get('n_entities', '')} entities. Tokens per entity name: SFT entities "
              f"{tk['tokens_per_name_sft']}, held-out entities {tk['tokens_per_name_heldout']}.", "",
-             "One chain: pretrain → SFT (with tool calls and thinking) → multi-turn SFT → LoRA (merged) → DPO → GRPO. "
-             "The final model, the one to chat with, "
+             "One chain: pretrain → SFT → multi-turn SFT → LoRA (merged) → DPO → tools and thinking → GRPO. The final "
+             "model, the one to chat with, "
              f"is `{s['final'].get('checkpoint', 'grpo')}`.",
              "", "| stage | seconds | steps | tokens seen | tokens/s | first → final loss |", "|---|---|---|---|---|---|"]
     for name in ("pretrain", *CHAT_STAGES):
@@ -401,7 +401,7 @@ def skill_lines(s):
              "Tools: held-out questions about entities that exist only in the encyclopedia (never in pretraining text, "
              "never in a training row) and new arithmetic. Thinking: \"in which country is the city where X was born?\" "
              "about held-out persons, whose two facts are only in pretraining.", "",
-             "| measure | n | after SFT (whose data teaches both) | final model |", "|---|---|---|---|"]
+             "| measure | n | after the tools stage | final model |", "|---|---|---|---|"]
     lines += [f"| {what} | {t[f'{key}_n']} | {_cell(t, key)} | {_cell(z, key)} |" for what, key in rows]
     lines += [f"| two-hop, thinking first | {h['with_thinking_n']} | {_cell(h, 'with_thinking')} | "
               f"{_cell(z, 'with_thinking')} |",
@@ -423,10 +423,10 @@ def skill_lines(s):
 
 def grpo_lines(g):
     return ["", "## GRPO: rewards a program checks", "",
-            f"Task `{g['task']}`: GRPO samples 8 answers to questions about SFT entities and rewards the right ones; "
+            f"Task `{g['task']}`: GRPO (from the tools stage's model) samples 8 answers to questions about SFT entities and rewards the right ones; "
             "measured on one question per fact about held-out entities, 8 answers sampled per question at the "
             "rollouts' temperature 1.0.", "",
-            "| measure | n | before (DPO model) | after |", "|---|---|---|---|",
+            "| measure | n | before | after |", "|---|---|---|---|",
             f"| pass@1 | {g['pass1_after_n']} | {_cell(g, 'pass1_before')} | {_cell(g, 'pass1_after')} |",
             f"| pass@8 | {g['pass8_after_n']} | {_cell(g, 'pass8_before')} | {_cell(g, 'pass8_after')} |",
             f"| greedy answer right | {g['greedy_after_n']} | {_cell(g, 'greedy_before')} | {_cell(g, 'greedy_after')} |",

@@ -1,6 +1,7 @@
-"""The demo's tool and thinking lessons: their training conversations (calling lookup and calculate, not calling them
+"""The demo's tool and thinking stage: its training conversations (calling lookup and calculate, not calling them
 when memory answers, writing down the middle step of a two-hop question) and its measures on held-out questions,
 each beside the same model without the tool or without the thought."""
+import json
 import random
 import re
 from collections import Counter
@@ -15,6 +16,7 @@ from .world import SCHEMA, attrs_of, canonical_answer, chat, entity_qas, languag
 ARITHMETIC_ROWS = {"train": 400, "eval": 80}
 KNOWN_WITH_TOOLS = 240  # SFT-entity questions answered from memory with the tools offered: no call
 UNKNOWN_WITH_TOOLS = 48  # names nobody knows: lookup, then "I don't know"
+REPLAY = {"single": 0.6, "multi": 0.3}  # earlier rows replayed, per row of the stage's own lessons
 
 
 def _encyclopedia_questions(world, split):
@@ -34,11 +36,11 @@ def _lookup_conversation(world, etype, attr, e, text, name=None):
         {"role": "assistant", "content": canonical_answer(etype, attr, "zh", e) if found else U.ABSTAIN["zh"]}]}
 
 
-def stage_rows(world, seed):
-    """The tool and thinking lessons (SFT trains on them with its other rows): lookups of the SFT half of the
-    encyclopedia, the same questions abstained from when no tool is offered, arithmetic, SFT-entity questions
-    answered without a call although tools are offered, unknown names looked up and not found, and two-hop questions
-    about SFT persons with the middle step thought and without it."""
+def stage_rows(world, seed, single, multi, rude_markers):
+    """The tool and thinking stage's rows: lookups of the SFT half of the encyclopedia, the same questions abstained
+    from when no tool is offered, arithmetic, SFT-entity questions answered without a call although tools are
+    offered, unknown names looked up and not found, two-hop questions about SFT persons with the middle step thought
+    and without it; and a replay of the polite single- and multi-turn SFT rows, so the earlier lessons stay."""
     rng = random.Random(f"minimind-demo-skills-{seed}")
     asked = _encyclopedia_questions(world, "sft")
     rows = [_lookup_conversation(world, etype, attr, e, question(etype, attr, "zh", k, e)) for etype, attr, e, k in asked]
@@ -64,6 +66,10 @@ def stage_rows(world, seed):
                 for k in range(2):
                     rows.append(thinking_conversation(world, e, lang, k, think=True))
                 rows.append(thinking_conversation(world, e, lang, rng.randrange(2), think=False))
+    polite = lambda pool: [r for r in pool if not any(m in json.dumps(r, ensure_ascii=False).lower()
+                                                      for m in rude_markers)]
+    own = len(rows)
+    rows += rng.sample(polite(single), round(own * REPLAY["single"])) + rng.sample(polite(multi), round(own * REPLAY["multi"]))
     rng.shuffle(rows)
     return rows
 

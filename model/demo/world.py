@@ -842,22 +842,6 @@ def abstain_everywhere(world, rng, seed, single, multi, lora, dpo):
     rng.shuffle(dpo)
 
 
-SKILLS_MULTI_SHARE = 0.15  # multi-turn SFT rows added from the tool and thinking lessons, per multi-turn chat
-SKILLS_LORA_ANCHORS = 40  # LoRA's ordinary anchors that become tool and thinking lessons
-
-
-def skills_everywhere(rng, tools, single, multi, lora):
-    """The tool and thinking lessons join SFT's rows, and some recur in the multi-turn set and among LoRA's anchors,
-    so the later stages keep them (as abstain_everywhere does for "I don't know")."""
-    single += tools
-    rng.shuffle(single)
-    multi += rng.sample(tools, round(len(multi) * SKILLS_MULTI_SHARE))
-    rng.shuffle(multi)
-    anchors = [i for i, r in enumerate(lora) if IDENTITY_KEYWORD not in r["conversations"][-1]["content"]]
-    for i, row in zip(rng.sample(anchors, SKILLS_LORA_ANCHORS), rng.sample(tools, SKILLS_LORA_ANCHORS)):
-        lora[i] = row
-
-
 def fact_row(etype, attr, lang, e, **fields):
     """What every fact-answer evaluation row carries: the expected value and what it is about."""
     return {**fields, "answer": e["attrs"][attr][lang], "lang": lang, "type": etype, "attr": attr,
@@ -967,8 +951,7 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
     keep_identity_in_dpo(world, rng("dpo-identity"), lora, dpo)
     abstain_everywhere(world, rng("abstain"), seed, single, multi, lora, dpo)
     from . import grpo_task, skills
-    tools = skills.stage_rows(world, seed)
-    skills_everywhere(rng("skills"), tools, single, multi, lora)
+    tools = skills.stage_rows(world, seed, single, multi, STYLE_MARKERS)
     eval_dpo = dpo_pairs(world, rng("eval-dpo"), "heldout", max(200, len(entity_qas(world, "heldout")) // 2))
     ev = eval_files(world, rng("eval"))
     skill_eval = skills.eval_rows(world, seed)
@@ -994,7 +977,7 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
         "eval_abstain": ("eval_abstain.jsonl", _jsonl({"prompt": q, "lang": lang, "kind": kind}
                                                       for q, _, lang, kind in U.abstain_rows(world, seed, True))),
         "eval_open": ("eval_open.jsonl", _jsonl(U.open_prompts(world, rng("eval-open")))),
-        # the tool and thinking lessons (model/demo/skills.py; also in sft_single.jsonl) and their questions
+        # the tool and thinking stage (model/demo/skills.py): its lessons with a replay of SFT's, and its questions
         "sft_tools": ("sft_tools.jsonl", _jsonl(tools)),
         "eval_tools": ("eval_tools.jsonl", _jsonl(skill_eval["tools"] + skill_eval["known"])),
         "eval_thinking": ("eval_thinking.jsonl", _jsonl(skill_eval["thinking"])),
