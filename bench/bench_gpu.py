@@ -251,7 +251,8 @@ def bench_engine(label, model, args, device, peak, bare, fpt):
             flags.append("--compile")
         if args.peak_tflops:
             flags += ["--peak_tflops", str(args.peak_tflops)]
-        a = cli.stage_parser("bench", lr=1e-4, epochs=1, batch_size=args.batch, data_path="-").parse_args(flags)
+        a = cli.train_config(cli.stage_parser("bench", lr=1e-4, epochs=1, batch_size=args.batch,
+                                              data_path="-").parse_args(flags))
         trainer = T.Trainer(a, T.Runtime(a), model, RandomRows(args.batch * (steps + 1), args.seq,
                                                                 model.config.vocab_size),
                             collate_pad, Path(out) / "bench.pth")

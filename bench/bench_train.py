@@ -168,6 +168,7 @@ def demo_engine_share(args):
     import subprocess
     from transformers import AutoTokenizer
     from model import cli, trainer as T
+    from model.stage import new_model
     from model.dataset import PackedPretrainDataset, PretrainDataset, collate_pad
     defaults = vars(demo.parse_args([]))  # the demo's own defaults
     work = Path(tempfile.mkdtemp(prefix="bench-demo-"))
@@ -183,13 +184,14 @@ def demo_engine_share(args):
              "--n_heads", str(defaults["n_heads"]), "--n_kv_heads", str(defaults["n_kv_heads"]), "--vocab_size",
              str(defaults["vocab_size"]), "--max_seq_len", str(seq), "--batch_size", str(batch), "--dtype", "float32",
              "--device", "cpu", "--save_interval", "1000000", "--learning_rate", "1e-3"]
-    a = cli.stage_parser("bench", lr=1e-3, epochs=1, batch_size=batch, data_path=str(work / "pretrain.jsonl")).parse_args(flags)
-    model = T.new_model(a)
+    a = cli.train_config(cli.stage_parser("bench", lr=1e-3, epochs=1, batch_size=batch,
+                                          data_path=str(work / "pretrain.jsonl")).parse_args(flags))
+    model = new_model(a)
     packed = PackedPretrainDataset(work / "pretrain.jsonl", tok, seq)
     plain = PretrainDataset(work / "pretrain.jsonl", tok, seq)
     trainer = T.Trainer(a, T.Runtime(a), model, packed, collate_pad, work / "bench.pth")
     order = T.epoch_order(len(packed), a.seed, 0)
-    bare_model = T.new_model(a)
+    bare_model = new_model(a)
     ids = torch.randint(3, defaults["vocab_size"], (batch, seq))
     bare = make_step(bare_model, "fp32", ids)
 

@@ -9,15 +9,12 @@ from pathlib import Path
 import torch
 
 from .LMConfig import LMConfig
+from .errors import CheckpointError
 from .files import atomic_write, first_line
 from .model import Transformer, strip_compile_prefix
 
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "use_moe",
                 "n_routed_experts", "n_shared_experts")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable or does not fit the requested model shape."""
 
 
 # which stage script writes which weights prefix (the seed's file names; the demo uses the same)

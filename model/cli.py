@@ -2,14 +2,18 @@
 their defaults and valid ranges), the training flags, loading a model or exiting with one line, and running a
 main() so that a user's mistake is one line on stderr instead of a traceback."""
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
-from .checkpoint import DEFAULT_TOKENIZER, STAGE_SCRIPTS, CheckpointError, load_model_and_tokenizer
+from .checkpoint import DEFAULT_TOKENIZER, STAGE_SCRIPTS, load_model_and_tokenizer
+from .errors import CheckpointError, UserError
 from .files import first_line
 from .generate import SAMPLING_RULES, SamplingParams
+from .LMConfig import DEFAULTS as LM_DEFAULTS, SHAPE_FLAGS
+from .train_config import TrainConfig
 
 # ----------------------------------------------------------------------------- flag helpers
 
@@ -32,21 +36,18 @@ def add_tokenizer_arg(p):
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer folder (default: the shipped one)")
 
 
-SHAPE_FLAGS = {  # name: (type, help); None as default everywhere: "from the checkpoint, or the preset"
-    "dim": (int, "model width"), "n_layers": (int, "layers"), "n_heads": (int, "query heads"),
-    "n_kv_heads": (int, "key/value heads"), "use_moe": (bool, "a mixture-of-experts model"),
-    "vocab_size": (int, "embedding rows (at least the tokenizer's size)"),
-}
+SHAPE_HELP = {"dim": "model width", "n_layers": "layers", "n_heads": "query heads", "n_kv_heads": "key/value heads",
+              "use_moe": "a mixture-of-experts model", "vocab_size": "embedding rows (at least the tokenizer's size)"}
 
 
 def add_shape_args(p, names, where):
-    """Shape flags; each left out is taken from `where` (e.g. the checkpoint)."""
+    """Shape flags (names from LMConfig.SHAPE_FLAGS); each left out is taken from `where` (e.g. the checkpoint)."""
     for name in names:
-        kind, help_ = SHAPE_FLAGS[name]
+        kind = type(LM_DEFAULTS[name])
         if kind is bool:
-            p.add_argument(f"--{name}", action="store_true", default=None, help=f"{help_} (default: {where})")
+            p.add_argument(f"--{name}", action="store_true", default=None, help=f"{SHAPE_HELP[name]} (default: {where})")
         else:
-            p.add_argument(f"--{name}", type=kind, default=None, help=f"{help_} (default: {where})")
+            p.add_argument(f"--{name}", type=kind, default=None, help=f"{SHAPE_HELP[name]} (default: {where})")
 
 
 def add_model_args(parser, default_model=None):
@@ -115,7 +116,8 @@ def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=
     p.add_argument("--log_interval", type=int, default=log_interval)
     p.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between saves")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by launchers")
-    add_shape_args(p, SHAPE_FLAGS, "the --init checkpoint's; a new model: 512 wide, 8 layers, 6400 tokens")
+    add_shape_args(p, SHAPE_FLAGS, f"the --init checkpoint's; a new model: {LM_DEFAULTS['dim']} wide, "
+                   f"{LM_DEFAULTS['n_layers']} layers, {LM_DEFAULTS['vocab_size']} tokens")
     p.add_argument("--max_seq_len", type=int, default=max_seq_len, help="samples are truncated to this many tokens")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
     p.add_argument("--resume", action="store_true", help="continue from the latest good state in --out_dir; "
@@ -134,6 +136,17 @@ def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's dense bf16/fp16 peak for the MFU "
                    "in the log (default: from a table of known GPUs; none on CPU)")
     return p
+
+
+def train_config(args) -> TrainConfig:
+    """The one TrainConfig of a stage from its parsed stage_parser flags: the shape flags given go to `shape`, the
+    stage's own flags to `stage_flags`."""
+    flags = vars(args)
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("init", "shape", "stage_flags")]
+    return TrainConfig(**{k: flags[k] for k in names}, init=flags.get("init"),
+                       shape={k: flags[k] for k in SHAPE_FLAGS if flags.get(k) is not None},
+                       stage_flags={k: v for k, v in flags.items() if k not in names and k not in SHAPE_FLAGS
+                                    and k != "init"})
 
 
 # ----------------------------------------------------------------------------- loading and running
@@ -162,14 +175,12 @@ def load_or_exit(args):
 
 
 def run(main):
-    """Run a stage's main(); user errors (and files the OS cannot read or write) become one line on stderr and
-    exit code 2."""
-    from .convert import DataError
-    from .trainer import TrainError
+    """Run a script's main(); the project's errors (model.errors) and files the OS cannot read or write become one
+    line on stderr and exit code 2."""
     import torch.distributed as dist
     try:
         main()
-    except (TrainError, CheckpointError, DataError, OSError) as e:
+    except (UserError, OSError) as e:
         from tqdm import tqdm
         for bar in list(tqdm._instances):  # a progress bar cut short: the error starts its own line
             bar.close()

@@ -40,13 +40,13 @@ def make_args(tmp_path, *flags):
 
 
 def make_trainer(tmp_path, *flags, dataset=None, rank=0, dropout=0.0):
-    args = make_args(tmp_path, *flags)
-    rt = T.Runtime(args)
+    config = cli.train_config(make_args(tmp_path, *flags))
+    rt = T.Runtime(config)
     rt.rank = rank
     torch.manual_seed(0)
     model = Transformer(LMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=32,
                                  dropout=dropout))
-    return T.Trainer(args, rt, model, dataset or Rows(), collate_pad, Path(tmp_path) / "m.pth")
+    return T.Trainer(config, rt, model, dataset or Rows(), collate_pad, Path(tmp_path) / "m.pth")
 
 
 def metrics(tmp_path):
@@ -116,7 +116,7 @@ def test_dropout_differs_per_rank_but_the_data_does_not(tmp_path):
         t.global_batch = 4
         ids = torch.arange(3, 19).view(2, 8)
         masks.append(t.model.train()(input_ids=ids).logits)
-        order = T.epoch_order(len(t.dataset), t.args.seed, 0)
+        order = T.epoch_order(len(t.dataset), t.config.seed, 0)
         chunks.append([c for c, _ in t._my_chunks(order, 0)])
     assert not torch.equal(masks[0], masks[1])
     assert chunks[0] != chunks[1]
