@@ -24,9 +24,9 @@ STAGE_SCRIPTS = {"pretrain": "1-pretrain.py", "full_sft": "3-full_sft.py", "lora
 
 def weights_name(prefix, shape):
     """The seed's file name of a stage's weights, `{prefix}_{dim}[_moe].pth` (pretrain_512.pth,
-    full_sft_512_moe.pth, rl_512.pth, grpo_512.pth, ...). `shape` is a config or parsed flags (dim None: 512;
-    use_moe None: dense)."""
-    return f"{prefix}_{shape.dim or 512}{'_moe' if shape.use_moe else ''}.pth"
+    full_sft_512_moe.pth, rl_512.pth, grpo_512.pth, ...). `shape`: a model's config, or LMConfig.requested_shape
+    of the shape flags before a model exists."""
+    return f"{prefix}_{shape.dim}{'_moe' if shape.use_moe else ''}.pth"
 
 
 def sidecar_path(pth) -> Path:
