@@ -3,6 +3,7 @@ their defaults and valid ranges), the training flags, loading a model or exiting
 main() so that a user's mistake is one line on stderr instead of a traceback."""
 import argparse
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -161,31 +162,57 @@ def stage_hint(path) -> str:
     return "train one with the numbered stage scripts"
 
 
-def load_or_exit(args):
-    """Model and tokenizer from the add_model_args flags, or exit with one line naming what is missing."""
+def check_model_flags(args):
+    """The add_model_args --model and --tokenizer exist, or a CheckpointError naming what is missing and its maker."""
     if not Path(args.model).exists():
-        sys.exit(f"error: model {args.model} not found; {stage_hint(args.model)} (or pass --model PATH)")
+        raise CheckpointError(f"model {args.model} not found; {stage_hint(args.model)} (or pass --model PATH)")
     if not (Path(args.tokenizer) / "tokenizer.json").is_file():
-        sys.exit(f"error: tokenizer folder {args.tokenizer} has no tokenizer.json; build it with "
-                 f"`python train_tokenizer.py` (or pass --tokenizer DIR)")
+        raise CheckpointError(f"tokenizer folder {args.tokenizer} has no tokenizer.json; build it with "
+                              "`python train_tokenizer.py` (or pass --tokenizer DIR)")
+
+
+def load_from_flags(args):
+    """Model and tokenizer from the add_model_args flags (a CheckpointError names what is missing or wrong)."""
+    check_model_flags(args)
     try:
         return load_model_and_tokenizer(args)
-    except (CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
-def run(main):
-    """Run a script's main(); the project's errors (model.errors) and files the OS cannot read or write become one
-    line on stderr and exit code 2."""
+class Failed(SystemExit):
+    """Exit code 2 after the one line run() printed; str() is that line (as for sys.exit("line"))."""
+
+    def __init__(self, line):
+        super().__init__(2)
+        self.line = line
+
+    def __str__(self):
+        return self.line
+
+
+def run(main, *args, **kwargs):
+    """Run a script's main(*args, **kwargs) and return what it returns; the project's errors (model.errors) and
+    files the OS cannot read or write become one line on stderr and exit code 2 (Failed). The one place that
+    turns an error into an exit."""
     import torch.distributed as dist
     try:
-        main()
+        return main(*args, **kwargs)
     except (UserError, OSError) as e:
         from tqdm import tqdm
         for bar in list(tqdm._instances):  # a progress bar cut short: the error starts its own line
             bar.close()
-        print(f"error: {first_line(e, 1000)}", file=sys.stderr)
-        sys.exit(2)
+        line = f"error: {first_line(e, 1000)}"
+        print(line, file=sys.stderr, flush=True)
+        raise Failed(line) from None
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def script(main):
+    """A script's main() that fails as run() says, also when called from Python (tests call main(argv))."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        return run(main, *args, **kwargs)
+    return wrapped
