@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one text per call: no pool, and no fork warning
 
-from bench_train import describe_machine, load_average, make_step  # noqa: E402
+from common import describe_machine, load_average, make_step  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 from model.model import Transformer  # noqa: E402
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench_train import build_reference, describe_machine, load_average, matmul_flops  # noqa: E402
+from common import build_reference, describe_machine, load_average, matmul_flops  # noqa: E402
 from model.LMConfig import LMConfig, preset  # noqa: E402
 from model.device import DeviceError, active_parameters, peak_tflops, resolve_device  # noqa: E402
 from model.device import flops_per_token  # noqa: E402

@@ -110,15 +110,6 @@ def infer_config(state, n_heads: int = 16, **overrides) -> LMConfig:
     return LMConfig(**{**fields, **overrides})
 
 
-def config_for(path, **overrides) -> LMConfig:
-    """The LMConfig of a .pth: from its JSON sidecar when present, else from the tensor shapes."""
-    side = sidecar_path(path)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if side.is_file():
-        return read_sidecar(side, overrides)
-    return shape_from_tensors(load_state_dict(path), path, overrides)
-
-
 def shape_from_tensors(state, path, overrides):
     try:
         return infer_config(state, **overrides)

@@ -341,9 +341,6 @@ def preference_batch(batch):
             pad_cat(batch["chosen_labels"], batch["rejected_labels"], value=IGNORE))
 
 
-MiniMindForCausalLM = Transformer
-
-
 def strip_compile_prefix(state_dict):
     """State dicts saved from a torch.compile'd model carry an `_orig_mod.` prefix; drop it."""
     return {k.replace("_orig_mod.", "", 1) if k.startswith("_orig_mod.") else k: v for k, v in state_dict.items()}
