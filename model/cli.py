@@ -44,11 +44,11 @@ SHAPE_HELP = {"dim": "model width", "n_layers": "layers", "n_heads": "query head
 def add_shape_args(p, names, where):
     """Shape flags (names from LMConfig.SHAPE_FLAGS); each left out is taken from `where` (e.g. the checkpoint)."""
     for name in names:
-        kind = type(LM_DEFAULTS[name])
+        kind, help_ = type(LM_DEFAULTS[name]), f"{SHAPE_HELP[name]} (default: {where})"
         if kind is bool:
-            p.add_argument(f"--{name}", action="store_true", default=None, help=f"{SHAPE_HELP[name]} (default: {where})")
+            p.add_argument(f"--{name}", action="store_true", default=None, help=help_)
         else:
-            p.add_argument(f"--{name}", type=kind, default=None, help=f"{SHAPE_HELP[name]} (default: {where})")
+            p.add_argument(f"--{name}", type=kind, default=None, help=help_)
 
 
 def add_model_args(parser, default_model=None):

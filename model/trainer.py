@@ -24,7 +24,7 @@ from .files import first_line, remove, space_left
 from .runtime import Runtime
 from .stage import seed_everything
 from .train_config import TrainConfig
-from .train_log import RunLog, progress_bar, read_metrics  # noqa: F401 (read_metrics: model.demo.report reads it here)
+from .train_log import RunLog, progress_bar, read_metrics  # noqa: F401 (read_metrics: for model.demo.report)
 from .train_state import (STATE_FORMAT, StateFiles, check_settings, deepspeed_weights_only, rng_state, run_settings,
                           set_rng_state, tensor_bytes)
 
@@ -53,8 +53,8 @@ class Trainer:
     between them keeps the rollouts, so a resumed run goes on with the same ones."""
 
     def __init__(self, config: TrainConfig, runtime: Runtime, model, dataset, collate, out_weights, *,
-                 loss_fn=token_loss, count_fn=token_count, trainable=None, save_fn=save_weights, metric_names=(), rollout_fn=None,
-                 reuse=1, plot_keys=("loss",)):
+                 loss_fn=token_loss, count_fn=token_count, trainable=None, save_fn=save_weights, metric_names=(),
+                 rollout_fn=None, reuse=1, plot_keys=("loss",)):
         self.config, self.rt = config, runtime
         self.dataset, self.collate = dataset, collate
         self.loss_fn, self.count_fn = loss_fn, count_fn
