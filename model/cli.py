@@ -1,6 +1,6 @@
 """The command line every script shares: the flags for model path, shape, device, tokenizer and sampling (with
-their defaults and valid ranges), the training flags, loading a model or exiting with one line, and running a
-main() so that a user's mistake is one line on stderr instead of a traceback."""
+their defaults and valid ranges), the training flags and the one TrainConfig built from them, loading a model, and
+running a main() so that a user's mistake (model.errors) is one line on stderr instead of a traceback."""
 import argparse
 import dataclasses
 import functools
