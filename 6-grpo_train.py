@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from model import cli, stage, trainer as T
+from model.batching import token_count
 from model.checkpoint import weights_name
 from model.model import IGNORE, token_logps
 
@@ -89,7 +90,7 @@ def grpo_loss_fn(args):
 def count_fn(args):
     """What the loss is averaged over: answer tokens (dapo) or answers."""
     if args.loss_type == "dapo":
-        return T.token_count
+        return token_count
     return lambda batch: batch["input_ids"].shape[0]
 
 

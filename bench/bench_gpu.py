@@ -240,7 +240,7 @@ def bench_engine(label, model, args, device, peak, bare, fpt):
     """The training engine (model/trainer.py: loader workers, accumulation, loss, clipping, AdamW, the GradScaler
     for fp16) on the same shape: what 1-pretrain.py runs, against the bare step."""
     import tempfile
-    from model import cli, trainer as T
+    from model import batching, cli, trainer as T
     from model.dataset import collate_pad
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
     steps = args.warmup + args.engine_steps
@@ -256,7 +256,7 @@ def bench_engine(label, model, args, device, peak, bare, fpt):
         trainer = T.Trainer(a, T.Runtime(a), model, RandomRows(args.batch * (steps + 1), args.seq,
                                                                 model.config.vocab_size),
                             collate_pad, Path(out) / "bench.pth")
-        order = T.epoch_order(len(trainer.dataset), a.seed, 0)
+        order = batching.epoch_order(len(trainer.dataset), a.seed, 0)
         for _ in range(args.warmup):
             trainer._train_step(order)
         sync(device)

@@ -50,7 +50,7 @@ def demo_engine_share(args):
     import demo
     import subprocess
     from transformers import AutoTokenizer
-    from model import cli, trainer as T
+    from model import batching, cli, trainer as T
     from model.stage import new_model
     from model.dataset import PackedPretrainDataset, PretrainDataset, collate_pad
     defaults = vars(demo.parse_args([]))  # the demo's own defaults
@@ -73,7 +73,7 @@ def demo_engine_share(args):
     packed = PackedPretrainDataset(work / "pretrain.jsonl", tok, seq)
     plain = PretrainDataset(work / "pretrain.jsonl", tok, seq)
     trainer = T.Trainer(a, T.Runtime(a), model, packed, collate_pad, work / "bench.pth")
-    order = T.epoch_order(len(packed), a.seed, 0)
+    order = batching.epoch_order(len(packed), a.seed, 0)
     bare_model = new_model(a)
     ids = torch.randint(3, defaults["vocab_size"], (batch, seq))
     bare = make_step(bare_model, "fp32", ids)

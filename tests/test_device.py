@@ -75,7 +75,8 @@ def test_peak_table(name, tflops):
 
 def test_cuda_on_a_machine_without_one_is_one_line_from_the_runtime():
     from types import SimpleNamespace
-    from model.trainer import Runtime, TrainError
+    from model.errors import TrainError
+    from model.runtime import Runtime
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(TrainError, match="no CUDA device is visible"):
