@@ -1,9 +1,9 @@
 """Let a pretrained (not yet chat-tuned) model continue text: a quick look at what pretraining taught it; --bpb FILE
 measures it instead, in bits per byte of held-out text (a number models with different tokenizers share)."""
 import argparse
-import sys
 
-from model.cli import add_model_args, add_sampling_args, load_or_exit, sampling_kwargs
+from model.cli import add_model_args, add_sampling_args, load_from_flags, sampling_kwargs, script
+from model.errors import EvalError
 from model.evaluation import bits_per_byte, read_documents, read_prompts
 from model.engine import Engine
 
@@ -13,6 +13,7 @@ DEMO_PROMPTS = [
 ]
 
 
+@script
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     add_model_args(p, default_model="out/pretrain_512.pth")
@@ -23,14 +24,14 @@ def main(argv=None):
                         "reads it, or any other file as one document) and exit")
     args = p.parse_args(argv)
 
-    model, tokenizer = load_or_exit(args)
+    model, tokenizer = load_from_flags(args)
     if args.bpb:
         try:
             result = bits_per_byte(model, tokenizer, read_documents(args.bpb, tokenizer))
         except ValueError as e:
-            sys.exit(f"error: {e}")
+            raise EvalError(str(e)) from None
         if result["bpb"] is None:
-            sys.exit(f"error: {args.bpb} holds no text")
+            raise EvalError(f"{args.bpb} holds no text")
         print(f"bits per byte: {result['bpb']:.4f} over {result['bytes']} bytes ({result['tokens']} tokens, "
               f"{result['documents']} documents) of {args.bpb}")
         return result

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from model import chat_format
-from model.cli import add_model_args, add_sampling_args, load_or_exit, sampling_kwargs
+from model.cli import add_model_args, add_sampling_args, load_from_flags, sampling_kwargs, script
 from model.demo.tools import TOOLS, load_world, run_tool
 from model.evaluation import chat_input_ids, read_prompts
 from model.engine import Engine
@@ -34,6 +34,7 @@ def questions(args):
         yield from (read_prompts(args.prompts) if args.prompts else DEMO_QUESTIONS)
 
 
+@script
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     add_model_args(p, default_model="out/full_sft_512.pth")
@@ -55,7 +56,7 @@ def main(argv=None):
             world, tools = load_world(args.tools), TOOLS
         except ValueError as e:
             p.error(str(e))
-    model, tokenizer = load_or_exit(args)
+    model, tokenizer = load_from_flags(args)
     engine = Engine(model, tokenizer)
     max_len = model.config.max_seq_len
     budget = max(max_len - args.max_new_tokens, max_len // 2)  # prompt tokens kept, oldest turns dropped first

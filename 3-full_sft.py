@@ -1,7 +1,7 @@
 """Stage 3, supervised fine-tuning: teach the pretrained model to answer, with loss on assistant tokens only."""
 from pathlib import Path
 
-from model import cli, trainer as T
+from model import cli, stage, trainer as T
 from model.checkpoint import weights_name
 
 DATA_HOW = "python data_process.py sft --input RAW.jsonl --output dataset/sft_data_single.jsonl"
@@ -15,14 +15,15 @@ def main():
                    help="keep parameters whose names match frozen, e.g. 'feed_forward|tok_embeddings' to teach the "
                    "answer format while the feed-forward layers, where pretraining stored its facts, stay as they are")
     args = p.parse_args()
-    T.require_data(args.data_path, DATA_HOW)
-    rt = T.Runtime(args)
-    model = T.init_model(args, "pretrain")
-    T.freeze_matching(model, args.freeze)
+    config = cli.train_config(args)
+    stage.require_data(config.data_path, DATA_HOW)
+    rt = T.Runtime(config)
+    model = stage.init_model(config, "pretrain")
+    stage.freeze_matching(model, args.freeze)
     from model.dataset import SFTDataset, collate_pad
-    dataset = SFTDataset(args.data_path, T.load_tokenizer(args, model), max_length=args.max_seq_len)
-    out = Path(args.out_dir) / weights_name(args.out_name, model.config)
-    T.Trainer(args, rt, model, dataset, collate_pad, out).fit()
+    dataset = SFTDataset(config.data_path, stage.load_tokenizer(config, model), max_length=config.max_seq_len)
+    out = Path(config.out_dir) / weights_name(args.out_name, model.config)
+    T.Trainer(config, rt, model, dataset, collate_pad, out).fit()
 
 
 if __name__ == "__main__":

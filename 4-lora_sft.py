@@ -1,7 +1,7 @@
 """Stage 4, LoRA: adapt an SFT model with small low-rank adapters (peft) while its own weights stay frozen."""
 from pathlib import Path
 
-from model import cli, trainer as T
+from model import cli, stage, trainer as T
 from model.checkpoint import save_weights, weights_name
 from model.files import atomic_folder
 
@@ -23,21 +23,22 @@ def main():
     p.add_argument("--lora_dropout", type=float, default=0.1)
     p.add_argument("--merge", action="store_true", help="also write the merged model as lora_{dim}[_moe].pth")
     args = p.parse_args()
-    T.require_data(args.data_path, DATA_HOW)
-    rt = T.Runtime(args)
-    base = T.init_model(args, "full_sft")
+    config = cli.train_config(args)
+    stage.require_data(config.data_path, DATA_HOW)
+    rt = T.Runtime(config)
+    base = stage.init_model(config, "full_sft")
     from peft import LoraConfig, get_peft_model
     lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=TARGETS, bias="none")
-    T.seed_everything(args.seed)  # the adapters' initial values come from the run's seed
+    stage.seed_everything(config.seed)  # the adapters' initial values come from the run's seed
     model = get_peft_model(base, lora)
     from model.dataset import SFTDataset, collate_pad
-    dataset = SFTDataset(args.data_path, T.load_tokenizer(args, base), max_length=args.max_seq_len)
-    adapter = Path(args.out_dir) / f"lora_{weights_name('sft', base.config)}"
-    finished = T.Trainer(args, rt, model, dataset, collate_pad, adapter, save_fn=save_adapter).fit()
+    dataset = SFTDataset(config.data_path, stage.load_tokenizer(config, base), max_length=config.max_seq_len)
+    adapter = Path(config.out_dir) / f"lora_{weights_name('sft', base.config)}"
+    finished = T.Trainer(config, rt, model, dataset, collate_pad, adapter, save_fn=save_adapter).fit()
     if finished and args.merge and rt.is_main:
         merged = model.merge_and_unload()
-        out = Path(args.out_dir) / weights_name("lora", merged.config)
+        out = adapter.with_name(weights_name("lora", merged.config))
         save_weights(merged, out)
         print(f"merged LoRA weights -> {out}")
 

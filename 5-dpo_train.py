@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import cli, trainer as T
+from model import cli, stage, trainer as T
 from model.checkpoint import weights_name
 from model.model import preference_batch, sequence_logps
 
@@ -35,14 +35,15 @@ def main():
     p.add_argument("--init", default=None, help="policy start and reference (default: out_dir/full_sft_{dim}.pth)")
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference model")
     args = p.parse_args()
-    T.require_data(args.data_path, DATA_HOW)
-    rt = T.Runtime(args)
-    policy = T.init_model(args, "full_sft")
+    config = cli.train_config(args)
+    stage.require_data(config.data_path, DATA_HOW)
+    rt = T.Runtime(config)
+    policy = stage.init_model(config, "full_sft")
     reference = copy.deepcopy(policy).to(rt.device).eval().requires_grad_(False)
     from model.dataset import DPODataset, collate_pad
-    dataset = DPODataset(args.data_path, T.load_tokenizer(args, policy), max_length=args.max_seq_len)
-    out = Path(args.out_dir) / weights_name("rl", policy.config)
-    T.Trainer(args, rt, policy, dataset, collate_pad, out, loss_fn=dpo_loss_fn(reference, args.beta),
+    dataset = DPODataset(config.data_path, stage.load_tokenizer(config, policy), max_length=config.max_seq_len)
+    out = Path(config.out_dir) / weights_name("rl", policy.config)
+    T.Trainer(config, rt, policy, dataset, collate_pad, out, loss_fn=dpo_loss_fn(reference, args.beta),
               count_fn=lambda b: b["chosen_input_ids"].shape[0],
               metric_names=("chosen_reward", "rejected_reward", "margin", "pref_acc")).fit()
 

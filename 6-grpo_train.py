@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import cli, trainer as T
+from model import cli, stage, trainer as T
+from model.batching import token_count
 from model.checkpoint import weights_name
 from model.model import IGNORE, token_logps
 
@@ -89,7 +90,7 @@ def grpo_loss_fn(args):
 def count_fn(args):
     """What the loss is averaged over: answer tokens (dapo) or answers."""
     if args.loss_type == "dapo":
-        return T.token_count
+        return token_count
     return lambda batch: batch["input_ids"].shape[0]
 
 
@@ -147,20 +148,21 @@ def parser():
 
 def main():
     args = parser().parse_args()
-    T.require_data(args.data_path, DATA_HOW)
+    config = cli.train_config(args)
+    stage.require_data(config.data_path, DATA_HOW)
     from model.rewards import reward_fn
     try:
         reward = reward_fn(args.reward)
     except ValueError as e:
         raise T.TrainError(str(e)) from None
-    rt = T.Runtime(args)
-    policy = T.init_model(args, "rl")
+    rt = T.Runtime(config)
+    policy = stage.init_model(config, "rl")
     reference = copy.deepcopy(policy).to(rt.device).eval().requires_grad_(False) if args.beta else None
     from model.dataset import PromptDataset
-    tokenizer = T.load_tokenizer(args, policy)
-    dataset = PromptDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
-    out = Path(args.out_dir) / weights_name("grpo", policy.config)
-    T.Trainer(args, rt, policy, dataset, collate_prompts, out, loss_fn=grpo_loss_fn(args), count_fn=count_fn(args),
+    tokenizer = stage.load_tokenizer(config, policy)
+    dataset = PromptDataset(config.data_path, tokenizer, max_length=config.max_seq_len)
+    out = Path(config.out_dir) / weights_name("grpo", policy.config)
+    T.Trainer(config, rt, policy, dataset, collate_prompts, out, loss_fn=grpo_loss_fn(args), count_fn=count_fn(args),
               rollout_fn=make_rollout(tokenizer, reference, reward, args, rt), reuse=args.mu,
               plot_keys=("loss", "reward", "kl"),
               metric_names=("reward", "reward_std", "kl", "clip_frac", "completion_len", "rollout_s", "step_s")).fit()

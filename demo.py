@@ -144,7 +144,7 @@ def cpu_kind():
     """The CPU and the precision --dtype auto trains in on it."""
     import torch
 
-    from model.trainer import auto_dtype
+    from model.device import auto_dtype
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:

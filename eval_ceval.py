@@ -6,14 +6,13 @@ import argparse
 import os
 import sys
 
-import torch
 from tqdm import tqdm
 
-from model.cli import add_model_args, checked, load_or_exit
+from model.cli import add_model_args, checked, load_from_flags, script
+from model.device import DTYPES
+from model.errors import EvalError
 from model.evaluation import (HARNESS_METRIC, METHODS, ceval_accuracy, format_table, harness_commands, read_ceval_dir,
                               summarize, write_harness_task, write_results)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 DETAILS = """\
 Data: a folder of per-subject CSVs, C-Eval's (columns id,question,A,B,C,D,answer; `{subject}_val.csv` or any
@@ -42,6 +41,7 @@ reproduce the total (metric acc for letter, acc_norm for cloze), also kept in su
 """
 
 
+@script
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, epilog=DETAILS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,13 +63,13 @@ def main(argv=None):
     except ValueError as e:
         hint = ("" if os.path.isdir(args.data_dir) else
                 " (put the C-Eval val CSVs there, or try --data_dir dataset/demo/ceval after the demo data is made)")
-        sys.exit(f"error: {e}{hint}")
+        raise EvalError(f"{e}{hint}") from None
     if not subjects:
         if len(failed) == 1:
-            sys.exit(f"error: {failed[0]}")
+            raise EvalError(failed[0])
         report_failed(failed)
-        sys.exit(f"error: none of the {len(failed)} files in {args.data_dir} can be scored")
-    model, tokenizer = load_or_exit(args)
+        raise EvalError(f"none of the {len(failed)} files in {args.data_dir} can be scored")
+    model, tokenizer = load_from_flags(args)
     model.to(DTYPES[args.dtype])
 
     questions = [q for qs in subjects.values() for q in qs]
@@ -88,14 +88,11 @@ def main(argv=None):
     summary.update(method=args.method, model=str(args.model), data_dir=str(args.data_dir), layouts=layouts,
                    failed_files=failed, **info)
     task_folder = os.path.join(args.out_dir, "lm_eval_task")
-    try:
-        task = write_harness_task(task_folder, questions, args.method)
-        commands = harness_commands(args.model, args.tokenizer, task_folder, task, model.config.max_seq_len,
-                                    os.path.join(args.out_dir, "hf_model"))
-        summary["lm_eval"] = {"task": task, "metric": HARNESS_METRIC[args.method], **commands}
-        write_results(args.out_dir, by_subject, summary)
-    except OSError as e:  # model.checkpoint.WriteError names the file
-        sys.exit(f"error: {e}")
+    task = write_harness_task(task_folder, questions, args.method)  # (an OSError names the file: cli.run says it)
+    commands = harness_commands(args.model, args.tokenizer, task_folder, task, model.config.max_seq_len,
+                                os.path.join(args.out_dir, "hf_model"))
+    summary["lm_eval"] = {"task": task, "metric": HARNESS_METRIC[args.method], **commands}
+    write_results(args.out_dir, by_subject, summary)
     print(format_table(summary))
     if info["truncated_prompts"]:
         print(f"{info['truncated_prompts']} prompt(s) longer than {model.config.max_seq_len} tokens kept their end")

@@ -5,17 +5,18 @@ import argparse
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
 from model import chat_format
-from model.checkpoint import CheckpointError, load_model, load_tokenizer_dir
-from model.cli import add_model_args
+from model.checkpoint import load_model, load_tokenizer_dir
+from model.cli import add_model_args, check_model_flags, script
+from model.device import DTYPES
+from model.errors import CheckpointError, ExportError
 from model.files import atomic_folder
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from model.LMConfig import BOS_ID, EOS_ID, PAD_ID
+from model.llama_export import from_llama, is_llama_folder, to_llama
 
 DETAILS = """\
 --format transformers (default): config.json with auto_map, model.py + LMConfig.py, safetensors weights,
@@ -26,7 +27,7 @@ DETAILS = """\
 --format llama (dense models only): a plain LlamaForCausalLM folder that needs no remote code, so tools that
   know Llama can load it. Our rotary rotates channel pairs (2k, 2k+1) of each head; Llama rotates (k, k+d/2).
   Reordering the rows of wq and wk within each head to [0, 2, 4, ..., 1, 3, 5, ...] turns one into the other
-  (q.k is unchanged by a permutation applied to both), so the logits stay the same.
+  (q.k is unchanged by a permutation applied to both), so the logits stay the same (model/llama_export.py).
 --format gguf [--outtype f32|f16|q8_0]: one .gguf file with the weights, the tokenizer (vocabulary, merges,
   token types, special ids, GPT-2's byte-level pre-tokenizer) and the chat template. Dense models are llama.cpp's
   "llama" architecture, MoE models its "bailingmoe" (softmax router, renormalised top-k, ungated shared experts:
@@ -40,94 +41,6 @@ logits of one sequence): a text tokenized differently is an error. Tokens added 
 written as llama.cpp's control tokens (special ones) or user-defined tokens (whole words), which it matches
 before BPE, as the tokenizer folder does.
 """
-
-
-def rotary_to_llama(weight, n_heads, head_dim, inverse=False):
-    """Rows of a q/k projection reordered from consecutive-pair rotary to Llama's rotate_half layout (or back)."""
-    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-    if inverse:
-        order = order.argsort()
-    return weight.reshape(n_heads, head_dim, -1)[:, order].reshape(n_heads * head_dim, -1)
-
-
-def llama_config(c):
-    from transformers import LlamaConfig
-    return LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.dim // c.n_heads,
-        hidden_act="silu", max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_theta)}, attention_bias=False,
-        mlp_bias=False, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        architectures=["LlamaForCausalLM"])
-
-
-def llama_names(c):
-    """{our state-dict name: LlamaForCausalLM's} for a dense model."""
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
-    per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-                 "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-                 "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-                 "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-                 "ffn_norm": "post_attention_layernorm"}
-    for i in range(c.n_layers):
-        names.update({f"layers.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight"
-                      for ours, theirs in per_layer.items()})
-    return names
-
-
-def convert_rotary(name, weight, c, inverse=False):
-    """q/k rows permuted between our rotary layout and Llama's; every other tensor unchanged."""
-    hd = c.dim // c.n_heads
-    if name.endswith("attention.wq.weight"):
-        return rotary_to_llama(weight, c.n_heads, hd, inverse)
-    if name.endswith("attention.wk.weight"):
-        return rotary_to_llama(weight, c.n_kv_heads, hd, inverse)
-    return weight
-
-
-def llama_state_dict(model):
-    """Our weights under Llama's names, q/k rows permuted for rotate_half."""
-    c, sd = model.config, model.state_dict()
-    return {theirs: convert_rotary(ours, sd[ours], c).detach().clone().contiguous()
-            for ours, theirs in llama_names(c).items()}
-
-
-def from_llama(folder):
-    """Our dense model from a --format llama folder: the inverse of to_llama."""
-    from transformers import LlamaForCausalLM
-    from model.LMConfig import LMConfig
-    from model.model import Transformer
-    llama = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    lc, sd = llama.config, llama.state_dict()
-    if not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
-        raise ValueError(f"{folder}: lm_head and embed_tokens differ; our model ties them")
-    theta = (getattr(lc, "rope_parameters", None) or {}).get("rope_theta", getattr(lc, "rope_theta", 1e4))
-    c = LMConfig(dim=lc.hidden_size, n_layers=lc.num_hidden_layers, n_heads=lc.num_attention_heads,
-                 n_kv_heads=lc.num_key_value_heads, vocab_size=lc.vocab_size, hidden_dim=lc.intermediate_size,
-                 norm_eps=lc.rms_norm_eps, max_seq_len=lc.max_position_embeddings, rope_theta=float(theta))
-    if getattr(lc, "head_dim", None) not in (None, c.dim // c.n_heads):
-        raise ValueError(f"{folder}: head_dim {lc.head_dim} is not hidden_size / num_attention_heads")
-    model = Transformer(c)
-    model.load_state_dict({ours: convert_rotary(ours, sd[theirs], c, inverse=True)
-                           for ours, theirs in llama_names(c).items()}, strict=True)
-    return model.eval()
-
-
-def is_llama_folder(path):
-    config = Path(path) / "config.json"
-    return config.is_file() and "LlamaForCausalLM" in json.loads(config.read_text()).get("architectures", [])
-
-
-def to_llama(model):
-    """A transformers LlamaForCausalLM computing the same function as our dense model."""
-    from transformers import LlamaForCausalLM
-    if model.config.use_moe:
-        raise ValueError("--format llama needs a dense model; this checkpoint is mixture-of-experts "
-                         "(Llama has no experts): use --format transformers")
-    llama = LlamaForCausalLM(llama_config(model.config))
-    llama.load_state_dict(llama_state_dict(model), strict=True)
-    return llama.eval()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -150,7 +63,7 @@ def copy_tokenizer(tokenizer_dir, out):
 
 def save_generation_config(out):
     from transformers import GenerationConfig
-    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(out)
+    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(out)
 
 
 @torch.inference_mode()
@@ -170,7 +83,7 @@ def export(model, tokenizer_dir, out, fmt="transformers", dtype="float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "config.json").is_file():
-        raise ValueError(f"{out} exists and is not an exported model folder; refusing to replace it")
+        raise ExportError(f"{out} exists and is not an exported model folder; refusing to replace it")
     target = to_llama(model) if fmt == "llama" else model
     with atomic_folder(out) as tmp:  # swapped in whole: no half-written export, no stale shards of an earlier one
         (copy.deepcopy(target).to(DTYPES[dtype]) if dtype != "float32" else target).save_pretrained(tmp)
@@ -190,7 +103,7 @@ def export_gguf(model, tokenizer_dir, out, outtype="f32", check_data=None):
     from model.gguf_export import llama_cpp_check, model_from_gguf, write_gguf
     out = Path(out)
     if out.is_dir() or (out.is_file() and out.read_bytes()[:4] != b"GGUF"):
-        raise ValueError(f"{out} exists and is not a GGUF file; refusing to replace it")
+        raise ExportError(f"{out} exists and is not a GGUF file; refusing to replace it")
     write_gguf(model, tokenizer_dir, out, outtype)
     diff = max_logit_diff(model.float(), model_from_gguf(out), model.config.vocab_size)
     try:
@@ -204,9 +117,13 @@ def load_source(args):
     """The model to export: a --format llama folder, or whatever load_model reads."""
     if Path(args.model).is_dir() and is_llama_folder(args.model):
         return from_llama(args.model)
-    return load_model(args.model, device="cpu", dim=args.dim, n_layers=args.n_layers, use_moe=args.use_moe)
+    try:
+        return load_model(args.model, device="cpu", dim=args.dim, n_layers=args.n_layers, use_moe=args.use_moe)
+    except ValueError as e:  # a shape the flags ask for that no model can have
+        raise CheckpointError(str(e)) from None
 
 
+@script
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, epilog=DETAILS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,23 +141,16 @@ def main(argv=None):
     if args.check_data and args.format != "gguf":
         p.error("--check_data is for --format gguf")
     if args.check_data and not Path(args.check_data).is_file():
-        sys.exit(f"error: --check_data {args.check_data} not found")
-
-    if not Path(args.model).exists():
-        sys.exit(f"error: model {args.model} not found")
-    if not (Path(args.tokenizer) / "tokenizer.json").is_file():
-        sys.exit(f"error: tokenizer folder {args.tokenizer} has no tokenizer.json (pass --tokenizer DIR)")
+        raise ExportError(f"--check_data {args.check_data} not found")
+    check_model_flags(args)
     if Path(args.out).resolve() == Path(args.model).resolve():
-        sys.exit(f"error: --out {args.out} is the --model itself; writing there would destroy it")
-    try:
-        model = load_source(args)
-        load_tokenizer_dir(args.tokenizer, model.config.vocab_size)  # before writing: a broken folder is named
-        if args.format == "gguf":
-            diff, check = export_gguf(model, args.tokenizer, args.out, args.outtype or "f32", args.check_data)
-        else:
-            diff = export(model, args.tokenizer, args.out, args.format, args.dtype)
-    except (CheckpointError, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        raise ExportError(f"--out {args.out} is the --model itself; writing there would destroy it")
+    model = load_source(args)
+    load_tokenizer_dir(args.tokenizer, model.config.vocab_size)  # before writing: a broken folder is named
+    if args.format == "gguf":
+        diff, check = export_gguf(model, args.tokenizer, args.out, args.outtype or "f32", args.check_data)
+    else:
+        diff = export(model, args.tokenizer, args.out, args.format, args.dtype)
     if args.format != "gguf":
         print(f"wrote {args.format} folder {args.out}; reloaded: max |logit difference| = {diff:.3g}")
         return diff
@@ -252,7 +162,7 @@ def main(argv=None):
         print(f"llama.cpp: tokenization equal on {check['tokenization_equal']}/{check['texts']} texts, max |logit "
               f"difference| = {check['max_logit_diff']:.3g} over {check['positions']} positions")
         if check["first_difference"] is not None:
-            sys.exit(f"error: llama.cpp tokenizes {check['texts'] - check['tokenization_equal']} of {check['texts']} "
+            raise ExportError(f"llama.cpp tokenizes {check['texts'] - check['tokenization_equal']} of {check['texts']} "
                      f"texts differently from {args.tokenizer}, first {check['first_difference'][:60]!r}; "
                      f"{args.out} would not answer as the model does")
     return diff

@@ -33,9 +33,10 @@ from starlette.requests import ClientDisconnect
 
 from model import chat_format
 from model.checkpoint import weights_name
-from model.cli import add_model_args, load_or_exit
+from model.cli import add_model_args, load_from_flags, script
 from model.engine import Engine
-from model.sampling import SamplingParams, sampling_problem
+from model.LMConfig import requested_shape
+from model.sampling import SAMPLING_RULES, SamplingParams, sampling_problem
 from model.scheduler import Scheduler, single_torch_thread
 
 log = logging.getLogger("minimind.api")
@@ -138,14 +139,14 @@ def parse_logit_bias(value, vocab_size):
         return ()
     if not isinstance(value, dict):
         raise bad("logit_bias", f"'logit_bias' must be an object mapping token ids to numbers, got {type(value).__name__}")
-    pairs = []
+    pairs, low, high = [], rule_bounds("logit_bias")["minimum"], rule_bounds("logit_bias")["maximum"]
     for key, bias in value.items():
         if not (key.isascii() and key.strip().lstrip("-").isdigit()) or not 0 <= int(key) < vocab_size:
             raise bad("logit_bias", f"'logit_bias' key {short(key)} is not a token id of this model "
                       f"(an integer from 0 to {vocab_size - 1}, as a string)", "invalid_value")
-        if not is_number(bias) or not -100 <= bias <= 100:
-            raise bad("logit_bias", f"'logit_bias' value {short(bias)} for token {key} must be a number from -100 "
-                      "to 100", "invalid_value")
+        if not is_number(bias) or not low <= bias <= high:
+            raise bad("logit_bias", f"'logit_bias' value {short(bias)} for token {key} must be a number from {low} "
+                      f"to {high}", "invalid_value")
         pairs.append((int(key), float(bias)))
     return tuple(pairs)
 
@@ -510,7 +511,39 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error":
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
-TOKEN_LIMIT = {"type": ["integer", "null"], "anyOf": [{"const": -1}, {"minimum": 1}, {"type": "null"}]}
+
+
+def rule_bounds(name):
+    """The JSON-schema bounds of a sampling rule, read from its wording in SAMPLING_RULES (the one statement of the
+    ranges): {"minimum": .., "maximum": ..}, or a list of alternatives for "A (..) or at least B"."""
+    number = lambda text: float(text) if "." in text else int(text)  # noqa: E731
+    rule = SAMPLING_RULES[name][1]
+    if m := re.fullmatch(r"between (\S+) and (\S+)( for each token)?", rule):
+        return {"minimum": number(m[1]), "maximum": number(m[2])}
+    if m := re.fullmatch(r"greater than (\S+) and at most (\S+)", rule):
+        return {"exclusiveMinimum": number(m[1]), "maximum": number(m[2])}
+    if m := re.fullmatch(r"(\S+) \(.*\) or more", rule):
+        return {"minimum": number(m[1])}
+    if m := re.fullmatch(r"(\S+) \(.*\) or at least (\S+)", rule):
+        return [{"const": number(m[1])}, {"minimum": number(m[2])}]
+    raise ValueError(f"SAMPLING_RULES[{name!r}] {rule!r}: a wording rule_bounds does not read")
+
+
+def rule_range(name):
+    """A sampling rule as an interval, for the help text: [0, 2], (0, 1], >= 0."""
+    b = rule_bounds(name)
+    if "maximum" not in b:
+        return f">= {b['minimum']}"
+    low = f"({b['exclusiveMinimum']}" if "exclusiveMinimum" in b else f"[{b['minimum']}"
+    return f"{low}, {b['maximum']}]"
+
+
+def ranged(name, kind="number"):
+    """The schema of an optional request field that follows a sampling rule (null: the default)."""
+    return {"type": [kind, "null"], **rule_bounds(name)}
+
+
+TOKEN_LIMIT = {"type": ["integer", "null"], "anyOf": [*rule_bounds("max_new_tokens"), {"type": "null"}]}
 CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" for every optional field)
     "type": "object", "required": ["messages"],
     "properties": {
@@ -525,12 +558,9 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
             # a tool result names the call it answers
             "if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id"], "properties": {
                 "tool_call_id": {"type": "string"}}}}},
-        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
-        "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
-        "top_k": {"type": ["integer", "null"], "minimum": 0},
-        "repetition_penalty": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 10},
-        "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
-        "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+        "temperature": ranged("temperature"), "top_p": ranged("top_p"), "top_k": ranged("top_k", "integer"),
+        "repetition_penalty": ranged("repetition_penalty"), "frequency_penalty": ranged("frequency_penalty"),
+        "presence_penalty": ranged("presence_penalty"),
         "logit_bias": {"type": ["object", "null"]},  # (narrowed to the model's token ids by logit_bias_schema)
         "response_format": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["type"],
                                                           "properties": {"type": {"const": "text"}}}]},
@@ -548,7 +578,7 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
                            {"type": "null"}]},
         "ignore_eos": {"type": ["boolean", "null"]},
         "logprobs": {"type": ["boolean", "null"]},
-        "top_logprobs": {"type": ["integer", "null"], "anyOf": [{"minimum": 0, "maximum": 20}, {"type": "null"}]},
+        "top_logprobs": {"type": ["integer", "null"], "anyOf": [rule_bounds("logprobs"), {"type": "null"}]},
     },
     # top_logprobs from 1 on needs logprobs: true
     "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
@@ -556,9 +586,10 @@ CHAT_REQUEST_SCHEMA = {  # what parse_request accepts (null means "the default" 
 
 
 def logit_bias_schema(vocab_size):
-    """logit_bias keys as ids of a model with vocab_size tokens (as many digits as always fit), values -100..100."""
+    """logit_bias keys as ids of a model with vocab_size tokens (as many digits as always fit), values as
+    SAMPLING_RULES["logit_bias"] says."""
     return {"type": ["object", "null"], "propertyNames": {"pattern": f"^[0-9]{{1,{len(str(vocab_size)) - 1}}}$"},
-            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
+            "additionalProperties": {"type": "number", **rule_bounds("logit_bias")}}
 
 
 def completion_request_schema(vocab_size):
@@ -573,7 +604,7 @@ def completion_request_schema(vocab_size):
                              {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": ids}]},
         "max_tokens": {"type": ["integer", "null"], "anyOf": [{"minimum": -1}, {"type": "null"}]},
         "echo": {"type": ["boolean", "null"]},
-        "logprobs": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 20}, {"const": False}, {"type": "null"}]},
+        "logprobs": {"anyOf": [{"type": "integer", **rule_bounds("logprobs")}, {"const": False}, {"type": "null"}]},
         "suffix": {"type": ["string", "null"], "maxLength": 0},
         "best_of": {"type": ["integer", "null"], "enum": [1, None]},
     }}
@@ -1112,31 +1143,36 @@ def list_get_without_head(app):
     app.openapi = openapi
 
 
+@script
 def main():
+    default_model = f"out/{weights_name('full_sft', requested_shape())}"
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.fill(
-            "The default --model is out/full_sft_512.pth (with --dim/--use_moe: out/full_sft_{dim}[_moe].pth, as "
+            f"The default --model is {default_model} (with --dim/--use_moe: out/full_sft_{{dim}}[_moe].pth, as "
             "3-full_sft.py names it). A prompt longer than the model's context (max_seq_len) is cut from the left "
             "by default: the newest tokens are kept, leaving room for the answer, and the response header "
             "X-Prompt-Tokens-Truncated says how many were dropped; --strict-context makes it a 400 error instead. "
             f"Sampling defaults when a request leaves them out: temperature {DEFAULTS.temperature}, top_p "
             f"{DEFAULTS.top_p}; max_tokens absent or -1 means up to the context limit, and an answer that reaches "
-            "the limit ends with finish_reason 'length'. Ranges: temperature 0-2 (0 greedy; any tiny value is "
-            "near-greedy, never an error), top_p (0, 1], top_k >= 0, repetition_penalty (0, 10], seed any integer "
-            "(taken modulo 2**64), frequency_penalty and presence_penalty -2..2 (OpenAI's: they count the tokens of "
-            "the answer so far), logit_bias {token id: -100..100}; others are a 400 error naming the field, and so "
+            f"the limit ends with finish_reason 'length'. Ranges: temperature {rule_range('temperature')} (0 greedy; "
+            f"any tiny value is near-greedy, never an error), top_p {rule_range('top_p')}, top_k "
+            f"{rule_range('top_k')}, repetition_penalty {rule_range('repetition_penalty')}, seed any integer "
+            f"(taken modulo 2**64), frequency_penalty and presence_penalty {rule_range('frequency_penalty')} "
+            "(OpenAI's: they count the tokens of the answer so far), logit_bias {token id: "
+            f"{rule_range('logit_bias')}}}; others are a 400 error naming the field, and so "
             "is a field that asks for what the server does not do (response_format other than text, n > 1, tools, "
             "audio, ...). Messages: every system (or developer) message's text goes first, in order; a conversation "
             "ending with an assistant message gets a new assistant turn after it. Extensions to the OpenAI fields: top_k, "
             "repetition_penalty, ignore_eos. POST /v1/completions is OpenAI's legacy endpoint (prompt as text, texts, "
-            "token ids or lists of them; echo; logprobs 0-20; max_tokens default 16, 0 scores the prompt): what "
+            f"token ids or lists of them; echo; logprobs {rule_range('logprobs')}; max_tokens default 16, 0 scores the "
+            "prompt): what "
             "lm-evaluation-harness's local-completions model uses. Log-probabilities (there and with chat's logprobs "
             "/ top_logprobs) are the model's own log-softmax, before penalty and temperature. One model per server: a request naming any model is answered by this "
             "one (--strict-model-name: other names get 404 model_not_found). GET /health is open; /v1/* and "
             "/openapi.json need the key when one is set (/docs and /redoc are then off).",
             100))
-    add_model_args(parser, default_model="out/full_sft_512.pth")
+    add_model_args(parser, default_model=default_model)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=8998)
     parser.add_argument("--api-key", default=os.environ.get("MINIMIND_API_KEY"),
@@ -1161,13 +1197,13 @@ def main():
         parser.error("--max-body-bytes must be at least 1")
     if not (args.header_timeout > 0 and args.body_timeout > 0):
         parser.error("--header-timeout and --body-timeout must be greater than 0")
-    if args.model == "out/full_sft_512.pth" and (args.dim or args.use_moe):  # the training stage's name for it
-        args.model = f"out/{weights_name('full_sft', args)}"
+    if args.model == default_model and (args.dim or args.use_moe):  # the training stage's name for it
+        args.model = f"out/{weights_name('full_sft', requested_shape(dim=args.dim, use_moe=args.use_moe))}"
     threads = single_torch_thread()  # only the scheduler's thread runs parallel kernels
     threads = args.threads or threads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    model, tokenizer = load_or_exit(args)
+    model, tokenizer = load_from_flags(args)
     scheduler = Scheduler(Engine(model, tokenizer, max_batch=args.max_batch), threads=threads)
     name = args.served_model_name or Path(args.model.rstrip("/")).stem
     app = create_app(scheduler, name, api_key=args.api_key, strict_context=args.strict_context,

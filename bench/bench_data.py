@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one text per call: no pool, and no fork warning
 
-from bench_train import describe_machine, load_average, make_step  # noqa: E402
+from common import describe_machine, load_average, make_step  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 from model.model import Transformer  # noqa: E402
 
@@ -204,12 +204,12 @@ def write_chats(folder, n, seed=0):
 def engine_loader_rate(dataset, count_fn, workers, args):
     """Real tokens/s of the engine's loader: the epoch order's micro-batches through its collate step (padding,
     the counts the step needs), from the first batch on (worker start-up is timed separately)."""
-    from model import trainer as T
+    from model import batching
     from model.dataset import collate_pad
-    order = T.epoch_order(len(dataset), 1337, 0)
+    order = batching.epoch_order(len(dataset), 1337, 0)
     batches = (order[i:i + args.engine_batch].tolist() for i in range(0, len(order), args.engine_batch))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         collate_fn=T.HostBatch(collate_pad, count_fn),
+                                         collate_fn=batching.HostBatch(collate_pad, count_fn),
                                          prefetch_factor=4 if workers else None)
     t = time.perf_counter()
     it = iter(loader)
@@ -217,7 +217,7 @@ def engine_loader_rate(dataset, count_fn, workers, args):
     first, tokens, n = time.perf_counter() - t, 0, 0
     t = time.perf_counter()
     for batch in it:
-        tokens, n = tokens + batch[T.HOST_COUNTS][1], n + 1
+        tokens, n = tokens + batch[batching.HOST_COUNTS][1], n + 1
         if time.perf_counter() - t >= args.engine_seconds:
             break
     took = time.perf_counter() - t
@@ -231,14 +231,14 @@ def pair_count(batch):
 
 
 def engine_loaders(args, tokenizer):
-    from model import trainer as T
+    from model import batching
     from model.dataset import DPODataset, SFTDataset
     workers = [int(w) for w in args.engine_workers.split(",")]
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as folder:
         sft, dpo = write_chats(folder, args.chats)
         print(f"\nengine loader: {args.chats:,} synthetic chats each, micro-batch {args.engine_batch}, max_seq_len "
               f"{args.max_seq_len}; about {args.engine_seconds:.0f} s per row ({os.cpu_count()} CPUs here)")
-        for name, ds, count_fn in (("sft", SFTDataset(sft, tokenizer, args.max_seq_len), T.token_count),
+        for name, ds, count_fn in (("sft", SFTDataset(sft, tokenizer, args.max_seq_len), batching.token_count),
                                    ("dpo", DPODataset(dpo, tokenizer, args.max_seq_len), pair_count)):
             rates = {}
             for w in workers:

@@ -68,7 +68,7 @@ def weight_floor(decoder, model, repeats=20):
 def profile_decode(ours, ref, prompt, steps=10):
     """Where a decode step's time goes: ours with 1 and with 16 requests in flight (the server's batch), and
     transformers' generate() for the same number of tokens."""
-    from bench_train import profile_side_by_side
+    from common import profile_side_by_side
     params = SamplingParams(temperature=0, max_new_tokens=ours.max_len, ignore_eos=True)
     batched = Engine(ours.model, None, max_batch=16)
     for engine, n in ((ours, 1), (batched, 16)):

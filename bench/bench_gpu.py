@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench_train import build_reference, describe_machine, load_average, matmul_flops  # noqa: E402
+from common import build_reference, describe_machine, load_average, matmul_flops  # noqa: E402
 from model.LMConfig import LMConfig, preset  # noqa: E402
 from model.device import DeviceError, active_parameters, peak_tflops, resolve_device  # noqa: E402
 from model.device import flops_per_token  # noqa: E402
@@ -240,7 +240,7 @@ def bench_engine(label, model, args, device, peak, bare, fpt):
     """The training engine (model/trainer.py: loader workers, accumulation, loss, clipping, AdamW, the GradScaler
     for fp16) on the same shape: what 1-pretrain.py runs, against the bare step."""
     import tempfile
-    from model import cli, trainer as T
+    from model import batching, cli, trainer as T
     from model.dataset import collate_pad
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
     steps = args.warmup + args.engine_steps
@@ -251,11 +251,12 @@ def bench_engine(label, model, args, device, peak, bare, fpt):
             flags.append("--compile")
         if args.peak_tflops:
             flags += ["--peak_tflops", str(args.peak_tflops)]
-        a = cli.stage_parser("bench", lr=1e-4, epochs=1, batch_size=args.batch, data_path="-").parse_args(flags)
+        a = cli.train_config(cli.stage_parser("bench", lr=1e-4, epochs=1, batch_size=args.batch,
+                                              data_path="-").parse_args(flags))
         trainer = T.Trainer(a, T.Runtime(a), model, RandomRows(args.batch * (steps + 1), args.seq,
                                                                 model.config.vocab_size),
                             collate_pad, Path(out) / "bench.pth")
-        order = T.epoch_order(len(trainer.dataset), a.seed, 0)
+        order = batching.epoch_order(len(trainer.dataset), a.seed, 0)
         for _ in range(args.warmup):
             trainer._train_step(order)
         sync(device)

@@ -1,7 +1,12 @@
 """Model configuration: the seed's field names as a transformers config, plus the published presets."""
+import inspect
 import math
+from types import SimpleNamespace
 
 from transformers import PretrainedConfig
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # the tokenizer's special ids (train_tokenizer.py makes them so); pad is unk
+SHAPE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "use_moe", "vocab_size")  # what a command line may set
 
 
 class LMConfig(PretrainedConfig):
@@ -55,9 +60,9 @@ class LMConfig(PretrainedConfig):
         self.seq_aux, self.norm_topk_prob = seq_aux, norm_topk_prob
         self.initializer_range = initializer_range
         kwargs.setdefault("tie_word_embeddings", True)
-        kwargs.setdefault("bos_token_id", 1)
-        kwargs.setdefault("eos_token_id", 2)
-        kwargs.setdefault("pad_token_id", 0)
+        kwargs.setdefault("bos_token_id", BOS_ID)
+        kwargs.setdefault("eos_token_id", EOS_ID)
+        kwargs.setdefault("pad_token_id", PAD_ID)
         super().__init__(**kwargs)
         self.validate_shape()
 
@@ -86,6 +91,16 @@ class LMConfig(PretrainedConfig):
             need(self.scoring_func == "softmax", f"scoring_func={self.scoring_func!r} is not supported "
                  "(only 'softmax')")
             need(self.n_shared_experts >= 0, f"n_shared_experts={self.n_shared_experts} must be >= 0")
+
+
+DEFAULTS = {name: p.default for name, p in inspect.signature(LMConfig.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def requested_shape(**given):
+    """The shape the shape flags ask for (None: not given), the rest at LMConfig's defaults; unchecked, to name
+    the checkpoint of that shape (checkpoint.weights_name) before any model exists."""
+    return SimpleNamespace(**{**DEFAULTS, **{k: v for k, v in given.items() if v is not None}})
 
 
 PRESETS = {

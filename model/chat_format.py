@@ -27,6 +27,7 @@ import json
 import re
 
 BOS, EOS = "<s>", "</s>"
+IGNORE = -100  # the label of a position that is not a target (cross_entropy's ignore_index)
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOLS_OPEN, TOOLS_CLOSE = "<tools>", "</tools>"
@@ -140,12 +141,12 @@ class Encoder:
 
     def __call__(self, messages, max_length=None, tools=None, add_generation_prompt=False, enable_thinking=None,
                  last_only=False):
-        """(ids, labels) cut at max_length; labels are -100 where the token is not a target."""
+        """(ids, labels) cut at max_length; labels are IGNORE where the token is not a target."""
         ids, labels = [], []
         for text, target in pieces(messages, tools, add_generation_prompt, enable_thinking, last_only):
             part = self.fixed.get(text) or self.encode(text)
             ids += part
-            labels += part if target else [-100] * len(part)
+            labels += part if target else [IGNORE] * len(part)
             if max_length is not None and len(ids) >= max_length:
                 break
         return ids[:max_length], labels[:max_length]

@@ -9,15 +9,12 @@ from pathlib import Path
 import torch
 
 from .LMConfig import LMConfig
+from .errors import CheckpointError
 from .files import atomic_write, first_line
 from .model import Transformer, strip_compile_prefix
 
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "use_moe",
                 "n_routed_experts", "n_shared_experts")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable or does not fit the requested model shape."""
 
 
 # which stage script writes which weights prefix (the seed's file names; the demo uses the same)
@@ -27,9 +24,9 @@ STAGE_SCRIPTS = {"pretrain": "1-pretrain.py", "full_sft": "3-full_sft.py", "lora
 
 def weights_name(prefix, shape):
     """The seed's file name of a stage's weights, `{prefix}_{dim}[_moe].pth` (pretrain_512.pth,
-    full_sft_512_moe.pth, rl_512.pth, grpo_512.pth, ...). `shape` is a config or parsed flags (dim None: 512;
-    use_moe None: dense)."""
-    return f"{prefix}_{shape.dim or 512}{'_moe' if shape.use_moe else ''}.pth"
+    full_sft_512_moe.pth, rl_512.pth, grpo_512.pth, ...). `shape`: a model's config, or LMConfig.requested_shape
+    of the shape flags before a model exists."""
+    return f"{prefix}_{shape.dim}{'_moe' if shape.use_moe else ''}.pth"
 
 
 def sidecar_path(pth) -> Path:
@@ -111,15 +108,6 @@ def infer_config(state, n_heads: int = 16, **overrides) -> LMConfig:
         fields["n_routed_experts"] = len(experts)
         fields["n_shared_experts"] = int(any(".shared_experts." in k for k in state))
     return LMConfig(**{**fields, **overrides})
-
-
-def config_for(path, **overrides) -> LMConfig:
-    """The LMConfig of a .pth: from its JSON sidecar when present, else from the tensor shapes."""
-    side = sidecar_path(path)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if side.is_file():
-        return read_sidecar(side, overrides)
-    return shape_from_tensors(load_state_dict(path), path, overrides)
 
 
 def shape_from_tensors(state, path, overrides):

@@ -1,15 +1,20 @@
 """The command line every script shares: the flags for model path, shape, device, tokenizer and sampling (with
-their defaults and valid ranges), the training flags, loading a model or exiting with one line, and running a
-main() so that a user's mistake is one line on stderr instead of a traceback."""
+their defaults and valid ranges), the training flags and the one TrainConfig built from them, loading a model, and
+running a main() so that a user's mistake (model.errors) is one line on stderr instead of a traceback."""
 import argparse
+import dataclasses
+import functools
 import sys
 from pathlib import Path
 
 import torch
 
-from .checkpoint import DEFAULT_TOKENIZER, STAGE_SCRIPTS, CheckpointError, load_model_and_tokenizer
+from .checkpoint import DEFAULT_TOKENIZER, STAGE_SCRIPTS, load_model_and_tokenizer
+from .errors import CheckpointError, UserError
 from .files import first_line
 from .sampling import SAMPLING_RULES, SamplingParams
+from .LMConfig import DEFAULTS as LM_DEFAULTS, SHAPE_FLAGS
+from .train_config import TrainConfig
 
 # ----------------------------------------------------------------------------- flag helpers
 
@@ -32,21 +37,18 @@ def add_tokenizer_arg(p):
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer folder (default: the shipped one)")
 
 
-SHAPE_FLAGS = {  # name: (type, help); None as default everywhere: "from the checkpoint, or the preset"
-    "dim": (int, "model width"), "n_layers": (int, "layers"), "n_heads": (int, "query heads"),
-    "n_kv_heads": (int, "key/value heads"), "use_moe": (bool, "a mixture-of-experts model"),
-    "vocab_size": (int, "embedding rows (at least the tokenizer's size)"),
-}
+SHAPE_HELP = {"dim": "model width", "n_layers": "layers", "n_heads": "query heads", "n_kv_heads": "key/value heads",
+              "use_moe": "a mixture-of-experts model", "vocab_size": "embedding rows (at least the tokenizer's size)"}
 
 
 def add_shape_args(p, names, where):
-    """Shape flags; each left out is taken from `where` (e.g. the checkpoint)."""
+    """Shape flags (names from LMConfig.SHAPE_FLAGS); each left out is taken from `where` (e.g. the checkpoint)."""
     for name in names:
-        kind, help_ = SHAPE_FLAGS[name]
+        kind, help_ = type(LM_DEFAULTS[name]), f"{SHAPE_HELP[name]} (default: {where})"
         if kind is bool:
-            p.add_argument(f"--{name}", action="store_true", default=None, help=f"{help_} (default: {where})")
+            p.add_argument(f"--{name}", action="store_true", default=None, help=help_)
         else:
-            p.add_argument(f"--{name}", type=kind, default=None, help=f"{help_} (default: {where})")
+            p.add_argument(f"--{name}", type=kind, default=None, help=help_)
 
 
 def add_model_args(parser, default_model=None):
@@ -60,7 +62,7 @@ def add_model_args(parser, default_model=None):
 
 
 def sampling_type(name, kind):
-    """The argparse type of a sampling flag: the rule model.generate.SAMPLING_RULES states for it."""
+    """The argparse type of a sampling flag: the rule model.sampling.SAMPLING_RULES states for it."""
     ok, rule = SAMPLING_RULES[name]
     return checked(kind, ok, rule)
 
@@ -83,7 +85,7 @@ def add_sampling_args(p, max_new_tokens=256):
 
 
 def sampling_kwargs(args):
-    """The sampling flags as keyword arguments of model.generate.Engine.stream."""
+    """The sampling flags as keyword arguments of model.engine.Engine.stream."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
@@ -115,7 +117,8 @@ def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=
     p.add_argument("--log_interval", type=int, default=log_interval)
     p.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between saves")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by launchers")
-    add_shape_args(p, SHAPE_FLAGS, "the --init checkpoint's; a new model: 512 wide, 8 layers, 6400 tokens")
+    add_shape_args(p, SHAPE_FLAGS, f"the --init checkpoint's; a new model: {LM_DEFAULTS['dim']} wide, "
+                   f"{LM_DEFAULTS['n_layers']} layers, {LM_DEFAULTS['vocab_size']} tokens")
     p.add_argument("--max_seq_len", type=int, default=max_seq_len, help="samples are truncated to this many tokens")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
     p.add_argument("--resume", action="store_true", help="continue from the latest good state in --out_dir; "
@@ -136,6 +139,17 @@ def stage_parser(description, *, lr, epochs, batch_size, data_path, max_seq_len=
     return p
 
 
+def train_config(args) -> TrainConfig:
+    """The one TrainConfig of a stage from its parsed stage_parser flags: the shape flags given go to `shape`, the
+    stage's own flags to `stage_flags`."""
+    flags = vars(args)
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("init", "shape", "stage_flags")]
+    return TrainConfig(**{k: flags[k] for k in names}, init=flags.get("init"),
+                       shape={k: flags[k] for k in SHAPE_FLAGS if flags.get(k) is not None},
+                       stage_flags={k: v for k, v in flags.items() if k not in names and k not in SHAPE_FLAGS
+                                    and k != "init"})
+
+
 # ----------------------------------------------------------------------------- loading and running
 
 
@@ -148,33 +162,57 @@ def stage_hint(path) -> str:
     return "train one with the numbered stage scripts"
 
 
-def load_or_exit(args):
-    """Model and tokenizer from the add_model_args flags, or exit with one line naming what is missing."""
+def check_model_flags(args):
+    """The add_model_args --model and --tokenizer exist, or a CheckpointError naming what is missing and its maker."""
     if not Path(args.model).exists():
-        sys.exit(f"error: model {args.model} not found; {stage_hint(args.model)} (or pass --model PATH)")
+        raise CheckpointError(f"model {args.model} not found; {stage_hint(args.model)} (or pass --model PATH)")
     if not (Path(args.tokenizer) / "tokenizer.json").is_file():
-        sys.exit(f"error: tokenizer folder {args.tokenizer} has no tokenizer.json; build it with "
-                 f"`python train_tokenizer.py` (or pass --tokenizer DIR)")
+        raise CheckpointError(f"tokenizer folder {args.tokenizer} has no tokenizer.json; build it with "
+                              "`python train_tokenizer.py` (or pass --tokenizer DIR)")
+
+
+def load_from_flags(args):
+    """Model and tokenizer from the add_model_args flags (a CheckpointError names what is missing or wrong)."""
+    check_model_flags(args)
     try:
         return load_model_and_tokenizer(args)
-    except (CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
-def run(main):
-    """Run a stage's main(); user errors (and files the OS cannot read or write) become one line on stderr and
-    exit code 2."""
-    from .convert import DataError
-    from .trainer import TrainError
+class Failed(SystemExit):
+    """Exit code 2 after the one line run() printed; str() is that line (as for sys.exit("line"))."""
+
+    def __init__(self, line):
+        super().__init__(2)
+        self.line = line
+
+    def __str__(self):
+        return self.line
+
+
+def run(main, *args, **kwargs):
+    """Run a script's main(*args, **kwargs) and return what it returns; the project's errors (model.errors) and
+    files the OS cannot read or write become one line on stderr and exit code 2 (Failed). The one place that
+    turns an error into an exit."""
     import torch.distributed as dist
     try:
-        main()
-    except (TrainError, CheckpointError, DataError, OSError) as e:
+        return main(*args, **kwargs)
+    except (UserError, OSError) as e:
         from tqdm import tqdm
         for bar in list(tqdm._instances):  # a progress bar cut short: the error starts its own line
             bar.close()
-        print(f"error: {first_line(e, 1000)}", file=sys.stderr)
-        sys.exit(2)
+        line = f"error: {first_line(e, 1000)}"
+        print(line, file=sys.stderr, flush=True)
+        raise Failed(line) from None
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def script(main):
+    """A script's main() that fails as run() says, also when called from Python (tests call main(argv))."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        return run(main, *args, **kwargs)
+    return wrapped

@@ -11,14 +11,11 @@ from collections import Counter
 from tqdm import tqdm
 
 from .chat_format import FormatError, check_conversation
+from .errors import DataError
 from .files import atomic_open, temp_path
 
 BOM = b"\xef\xbb\xbf"
 DEFAULT_MAX_LINE_BYTES = 4 << 20  # 4 MiB: far above any sane record, far below a memory problem
-
-
-class DataError(Exception):
-    """A data file is missing or unusable; the message names the file (and line) and what to do."""
 
 
 class BadRecord(Exception):

@@ -12,11 +12,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .files import WriteError, atomic_open, atomic_write
-from .chat_format import Encoder, FormatError, check_tools
+from .chat_format import IGNORE, Encoder, FormatError, check_tools
 from .convert import BOM, DataError, check_messages, BadRecord, missing_file_error
-
-IGNORE_INDEX = -100  # label value that carries no loss (prompt positions, padding)
-PAD_ID = 0
+from .LMConfig import PAD_ID
 
 
 def format_mcq(question, options):
@@ -459,12 +457,12 @@ class PromptDataset(_ChatDataset):
 
 
 def collate_pad(batch):
-    """Right-pad every *input_ids (with 0) and *labels (with -100) to the batch's longest; add masks."""
+    """Right-pad every *input_ids (with PAD_ID) and *labels (with IGNORE) to the batch's longest; add masks."""
     out = {}
     for key in batch[0]:
         values = [item[key] for item in batch]
         if key.endswith("input_ids") or key.endswith("labels"):
-            pad = PAD_ID if key.endswith("input_ids") else IGNORE_INDEX
+            pad = PAD_ID if key.endswith("input_ids") else IGNORE
             width = max(len(v) for v in values)
             padded = torch.full((len(values), width), pad, dtype=torch.long)
             for row, v in enumerate(values):

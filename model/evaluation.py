@@ -4,7 +4,6 @@ import csv
 import io
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from shlex import quote
@@ -15,6 +14,8 @@ from .convert import BOM, encoding_advice, is_utf8, sniff_encoding
 from .files import atomic_write, first_line
 from .chat_format import encoder_for, render
 from .dataset import format_mcq  # the MCQ layout the SFT data teaches; scoring must ask the same way
+from .errors import EvalError
+from .LMConfig import PAD_ID
 
 # ---------------------------------------------------------------------------------------------------------
 # prompts and streamed generation
@@ -23,14 +24,14 @@ from .dataset import format_mcq  # the MCQ layout the SFT data teaches; scoring 
 def read_prompts(path):
     """Prompts from a file: one per line, or JSONL lines with a "prompt" / "question" / "text" / "content" field."""
     if not Path(path).is_file():
-        sys.exit(f"error: prompt file {path} not found")
+        raise EvalError(f"prompt file {path} not found")
     prompts = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as e:
-                sys.exit(f"error: {path}:{lineno}: invalid UTF-8 at byte {e.start} of the line")
+                raise EvalError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line") from None
             if not line:
                 continue
             if line.startswith("{"):
@@ -40,10 +41,10 @@ def read_prompts(path):
                     str(line).encode("utf-8")  # a lone surrogate escape (\ud800) is half a character
                 except (ValueError, StopIteration) as e:
                     what = "no prompt/question/text/content field" if isinstance(e, StopIteration) else e
-                    sys.exit(f"error: {path}:{lineno}: bad JSON prompt line: {first_line(what)}")
+                    raise EvalError(f"{path}:{lineno}: bad JSON prompt line: {first_line(what)}") from None
             prompts.append(str(line))
     if not prompts:
-        sys.exit(f"error: {path} holds no prompts")
+        raise EvalError(f"{path} holds no prompts")
     return prompts
 
 
@@ -189,7 +190,7 @@ def letter_token_ids(tokenizer, prompt_ids):
 
 
 @torch.inference_mode()
-def letter_probs(model, batch, letter_ids, pad_id=0):
+def letter_probs(model, batch, letter_ids, pad_id=PAD_ID):
     """Next-token probabilities of the letters after each prompt of a left-padded batch.
 
     Returns (B, 4) probabilities renormalised over the four letters, and (B,) the mass the letters hold
@@ -219,7 +220,7 @@ def score_questions(model, tokenizer, questions, batch_size=8, max_len=512, prog
     results = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        probs, mass = letter_probs(model, [prompts[i] for i in idx], letter_ids, tokenizer.pad_token_id or 0)
+        probs, mass = letter_probs(model, [prompts[i] for i in idx], letter_ids, tokenizer.pad_token_id or PAD_ID)
         for row, i in enumerate(idx):
             q, p = questions[i], probs[row].tolist()
             pred = LETTERS[max(range(4), key=lambda k: p[k])]
@@ -257,7 +258,7 @@ def harness_pair(tokenizer, context, continuation):
 
 
 @torch.inference_mode()
-def continuation_logprobs(model, pairs, max_len, pad_id=0):
+def continuation_logprobs(model, pairs, max_len, pad_id=PAD_ID):
     """Sum of the log-probabilities of each pair's continuation ids after its context ids, from one forward per
     right-padded batch; a sequence longer than max_len + 1 keeps its end (lm-evaluation-harness's rule)."""
     seqs = [(c + x)[-(max_len + 1):] for c, x in pairs]
@@ -285,7 +286,7 @@ def score_cloze(model, tokenizer, questions, batch_size=8, max_len=512, progress
         pairs = [harness_pair(tokenizer, cloze_context(tokenizer, q), opt) for q in chunk for opt in q.options]
         truncated += sum(any(len(c) + len(x) > max_len + 1 for c, x in pairs[4 * k:4 * k + 4])
                          for k in range(len(chunk)))
-        lls = continuation_logprobs(model, pairs, max_len, tokenizer.pad_token_id or 0)
+        lls = continuation_logprobs(model, pairs, max_len, tokenizer.pad_token_id or PAD_ID)
         for k, q in enumerate(chunk):
             ll = lls[4 * k:4 * k + 4]
             score = [v / len(opt) if opt else -math.inf for v, opt in zip(ll, q.options)]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import chat_format
+from .errors import ExportError
 from .files import atomic_write
 from .LMConfig import LMConfig
 
@@ -23,7 +24,7 @@ ATTENTION = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv":
 FFN = {"w1": "ffn_gate", "w3": "ffn_up", "w2": "ffn_down"}  # SwiGLU: w1 gate, w3 up, w2 down
 
 
-class GGUFError(ValueError):
+class GGUFError(ExportError, ValueError):
     """A model or tokenizer that GGUF (as llama.cpp reads it) cannot represent exactly."""
 
 

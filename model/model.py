@@ -11,7 +11,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .LMConfig import LMConfig
+from .LMConfig import PAD_ID, LMConfig
 
 
 class RMSNorm(nn.Module):
@@ -304,14 +304,14 @@ class Transformer(PreTrainedModel, GenerationMixin):
 
 # ----------------------------------------------------------------------------- losses and sequence scores
 
-IGNORE = -100  # the label of a position that is not a target (cross_entropy's ignore_index)
+from .chat_format import IGNORE  # noqa: E402 (the label of a position that is not a target)
 
 
 def next_token_targets(labels):
     """The target of each position t is labels[t + 1]: (B, T-1). Padding (id 0) is never a target, whatever the
     labels say; positions labelled IGNORE are not targets either. The one statement of that rule."""
     targets = labels[:, 1:]
-    return targets.masked_fill(targets == 0, IGNORE)
+    return targets.masked_fill(targets == PAD_ID, IGNORE)
 
 
 def causal_lm_loss(logits, labels):
@@ -349,9 +349,6 @@ def preference_batch(batch):
     """A DPO batch as one: (input_ids, labels) with the chosen rows first, then the rejected ones."""
     return (pad_cat(batch["chosen_input_ids"], batch["rejected_input_ids"]),
             pad_cat(batch["chosen_labels"], batch["rejected_labels"], value=IGNORE))
-
-
-MiniMindForCausalLM = Transformer
 
 
 def strip_compile_prefix(state_dict):

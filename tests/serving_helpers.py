@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -56,24 +57,50 @@ def solo(engine, messages, **kw):
     return engine.complete(messages, SamplingParams(temperature=0, **kw))
 
 
-def start_server(paths, *extra):
-    port = tiny.free_port()
-    cmd = [sys.executable, "my_openai_api.py", "--model", str(paths[0]), "--tokenizer", str(paths[1]),
-           "--port", str(port), "--threads", "1", *extra]
-    env = {**os.environ, "MINIMIND_API_KEY": ""}
+def start_process(cmd, port, env=None):
+    """A server process on 127.0.0.1:port, its output in a temporary file (proc.log); returns (proc, url)."""
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody reads can block the server
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log, proc.port = log, port
     return proc, f"http://127.0.0.1:{port}"
 
 
-def wait_healthy(proc, url):
+def start_server(paths, *extra):
+    """my_openai_api.py on the tiny model at `paths` (model, tokenizer); returns (proc, url) at once."""
+    port = tiny.free_port()
+    cmd = [sys.executable, "my_openai_api.py", "--model", str(paths[0]), "--tokenizer", str(paths[1]),
+           "--port", str(port), "--threads", "1", *extra]
+    return start_process(cmd, port, env={**os.environ, "MINIMIND_API_KEY": ""})
+
+
+def wait_healthy(proc, url, path="/health", ok=lambda r: r.status_code == 200):
+    """Wait until `url + path` answers as `ok` says; a process that exits first fails with its log."""
     def healthy():
         if proc.poll() is not None:
             proc.log.seek(0)
             raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.log.read()}")
         try:
-            return httpx.get(url + "/health", timeout=30).status_code == 200
+            return ok(httpx.get(url + path, timeout=30))
         except httpx.HTTPError:
             return False
-    wait_until(healthy, "the server answers /health")
+    wait_until(healthy, f"the server answers {path}")
+
+
+def stop(proc, grace_s=30):
+    """Terminate a server process; kill it if it has not ended within grace_s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@contextmanager
+def live_server(paths, *extra):
+    """start_server, yielding (proc, url) once it answers /health, and stopped on leaving."""
+    proc, url = start_server(paths, *extra)
+    try:
+        wait_healthy(proc, url)
+        yield proc, url
+    finally:
+        stop(proc)

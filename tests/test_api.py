@@ -16,7 +16,7 @@ import signal
 import tiny_chat_model as tiny
 from model.sampling import SamplingParams
 from serving_helpers import (HANG_GUARD_S, HELLO, ROOT, engine, paths, questions, solo, start_server,  # noqa: F401
-                             tokenizer, wait_healthy, wait_until)
+                             stop, tokenizer, wait_healthy, wait_until)
 
 pytestmark = pytest.mark.slow  # server processes
 HTTP = httpx.Client(timeout=HANG_GUARD_S)  # httpx's default of 5 s is a clock a busy machine can beat
@@ -34,11 +34,7 @@ def servers(paths):
         yield plain, keyed
     finally:
         for proc, _ in (plain, keyed):
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
 
 
 @pytest.fixture(scope="module")

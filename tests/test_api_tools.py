@@ -11,7 +11,7 @@ import openai
 import pytest
 
 import tiny_chat_model as tiny
-from serving_helpers import HANG_GUARD_S, start_server, wait_healthy
+from serving_helpers import HANG_GUARD_S, live_server
 
 pytestmark = pytest.mark.slow  # a server process
 TOOLS = tiny.TOOLS
@@ -20,16 +20,8 @@ ASK = [{"role": "user", "content": "卡洛维是做什么的？"}]
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    proc, url = start_server(tiny.build_tool_once(tmp_path_factory))
-    try:
-        wait_healthy(proc, url)
+    with live_server(tiny.build_tool_once(tmp_path_factory)) as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 
 from model import chat_format as cf
 from model.convert import BadRecord, check_messages
-from model.dataset import IGNORE_INDEX, ChatEncoder
+from model.chat_format import IGNORE as IGNORE_INDEX
+from model.dataset import ChatEncoder
 from tiny_chat_model import SHIPPED_TOKENIZER
 
 # the seed's template as it shipped before tools and thinking existed: v1 chats must render exactly as it did

@@ -31,7 +31,7 @@ def test_no_host_sync_in_a_quiet_training_step(tmp_path, monkeypatch):
     real_step, quiet = T.Trainer._train_step, []
 
     def train_step(self, order):
-        if (self.step + 1) % self.args.log_interval and self.step > 0:
+        if (self.step + 1) % self.config.log_interval and self.step > 0:
             torch.cuda.set_sync_debug_mode("error")
             quiet.append(self.step + 1)
         try:

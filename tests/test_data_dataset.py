@@ -11,7 +11,8 @@ import torch
 
 from model.convert import DataError
 from model.chat_format import render as render_chat
-from model.dataset import IGNORE_INDEX, DPODataset, PretrainDataset, SFTDataset, collate_pad, format_mcq
+from model.chat_format import IGNORE as IGNORE_INDEX
+from model.dataset import DPODataset, PretrainDataset, SFTDataset, collate_pad, format_mcq
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "model" / "minimind_tokenizer"

@@ -64,7 +64,8 @@ def test_calculate_agrees_with_exact_fractions(expression):
 
 def test_conversations_are_valid_rows_of_the_format(world, tmp_path, tokenizer_dir=None):
     from transformers import AutoTokenizer
-    from model.dataset import IGNORE_INDEX, SFTDataset
+    from model.chat_format import IGNORE as IGNORE_INDEX
+    from model.dataset import SFTDataset
     rng = random.Random(0)
     person = world["entities"]["person"][0]
     rows = [T.lookup_conversation(world, "person", "hobby", "zh", person, f"{person['zh']}有什么爱好？"),

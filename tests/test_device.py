@@ -75,7 +75,8 @@ def test_peak_table(name, tflops):
 
 def test_cuda_on_a_machine_without_one_is_one_line_from_the_runtime():
     from types import SimpleNamespace
-    from model.trainer import Runtime, TrainError
+    from model.errors import TrainError
+    from model.runtime import Runtime
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(TrainError, match="no CUDA device is visible"):
@@ -87,7 +88,7 @@ def test_runtime_on_a_simulated_one_gpu_machine(monkeypatch):
     index rule applied), bf16 and TF32 follow the capability."""
     from types import SimpleNamespace
     from torch._utils import _get_device_index
-    from model import trainer
+    from model import runtime
     calls = []
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -97,9 +98,9 @@ def test_runtime_on_a_simulated_one_gpu_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(_get_device_index(d)))
     for capability, dtype, tf32 in (((8, 6), "bfloat16", True), ((7, 5), "float16", False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
-        monkeypatch.setattr(trainer, "enable_tf32", lambda: calls.append("tf32"))
-        monkeypatch.setattr(trainer.torch, "autocast", lambda **k: k)
+        monkeypatch.setattr(runtime, "enable_tf32", lambda: calls.append("tf32"))
+        monkeypatch.setattr(runtime.torch, "autocast", lambda **k: k)
         calls.clear()
-        rt = trainer.Runtime(SimpleNamespace(device="cuda", dtype="auto", deepspeed=None))
+        rt = runtime.Runtime(SimpleNamespace(device="cuda", dtype="auto", deepspeed=None))
         assert rt.device == torch.device("cuda", 0) and rt.dtype_name == dtype
         assert calls == [0, "tf32"] if tf32 else calls == [0]

@@ -21,7 +21,7 @@ from model import chat_format
 from model.sampling import openai_adjusted, penalized_logits, sample_token, sampling_probs
 from my_openai_api import APIError, parse_messages, parse_request, parse_tool_options
 from serving_helpers import (HANG_GUARD_S, engine, paths, questions, solo, start_server,  # noqa: F401
-                             tokenizer, wait_healthy, wait_until)
+                             stop, tokenizer, wait_healthy, wait_until)
 
 pytestmark = pytest.mark.slow  # live server processes and hundreds of examples
 
@@ -38,11 +38,6 @@ def serve(paths, *flags):
     proc, url = start_server(paths, *flags)
     wait_healthy(proc, url)
     return proc, url
-
-
-def stop(proc):
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

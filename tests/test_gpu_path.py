@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from model import cli, trainer as T
+from model import batching, cli, trainer as T
 from model.dataset import collate_pad
 from model.LMConfig import LMConfig
 from model.model import Transformer
@@ -40,13 +40,13 @@ def make_args(tmp_path, *flags):
 
 
 def make_trainer(tmp_path, *flags, dataset=None, rank=0, dropout=0.0):
-    args = make_args(tmp_path, *flags)
-    rt = T.Runtime(args)
+    config = cli.train_config(make_args(tmp_path, *flags))
+    rt = T.Runtime(config)
     rt.rank = rank
     torch.manual_seed(0)
     model = Transformer(LMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=32,
                                  dropout=dropout))
-    return T.Trainer(args, rt, model, dataset or Rows(), collate_pad, Path(tmp_path) / "m.pth")
+    return T.Trainer(config, rt, model, dataset or Rows(), collate_pad, Path(tmp_path) / "m.pth")
 
 
 def metrics(tmp_path):
@@ -102,9 +102,9 @@ def test_loader_workers_change_nothing(tmp_path):
 
 
 def test_default_workers_only_on_gpu():
-    assert T.default_workers(torch.device("cpu"), cpus=16) == 0
-    assert T.default_workers(torch.device("cuda", 0), cpus=16) == 4
-    assert T.default_workers(torch.device("cuda", 0), cpus=2) == 1
+    assert batching.default_workers(torch.device("cpu"), cpus=16) == 0
+    assert batching.default_workers(torch.device("cuda", 0), cpus=16) == 4
+    assert batching.default_workers(torch.device("cuda", 0), cpus=2) == 1
 
 
 def test_dropout_differs_per_rank_but_the_data_does_not(tmp_path):
@@ -116,11 +116,11 @@ def test_dropout_differs_per_rank_but_the_data_does_not(tmp_path):
         t.global_batch = 4
         ids = torch.arange(3, 19).view(2, 8)
         masks.append(t.model.train()(input_ids=ids).logits)
-        order = T.epoch_order(len(t.dataset), t.args.seed, 0)
+        order = batching.epoch_order(len(t.dataset), t.config.seed, 0)
         chunks.append([c for c, _ in t._my_chunks(order, 0)])
     assert not torch.equal(masks[0], masks[1])
     assert chunks[0] != chunks[1]
-    order = T.epoch_order(40, 1337, 0).tolist()
+    order = batching.epoch_order(40, 1337, 0).tolist()
     assert [i for pair in zip(chunks[0], chunks[1]) for c in pair for i in c] == order
 
 
@@ -131,7 +131,7 @@ def test_grad_checkpointing_recomputes_and_matches(tmp_path):
         calls = []
         t.model.layers[0].attention.register_forward_hook(lambda *a: calls.append(1))
         batch = collate_pad([t.dataset[i] for i in range(4)])
-        loss, _, _ = T.token_loss(t.model.train(), batch, t.rt.autocast)
+        loss, _, _ = batching.token_loss(t.model.train(), batch, t.rt.autocast)
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in t.model.named_parameters()})
         forwards.append(len(calls))

@@ -307,7 +307,7 @@ def test_an_injected_failure_over_http_fails_one_stream_alone(live, monkeypatch)
 
 
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
-    from model.trainer import rng_state, set_rng_state
+    from model.train_state import rng_state, set_rng_state
     random.seed(3), np.random.seed(4), torch.manual_seed(5)
     random.gauss(0, 1), np.random.standard_normal()  # cached Gaussians are part of the state
     state = rng_state()
@@ -322,7 +322,7 @@ def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_written_files_follow_the_umask(tmp_path, model, umask):
     from model import convert
-    from model.trainer import StateFiles
+    from model.train_state import StateFiles
     lora = runpy.run_path(str(tiny.ROOT / "4-lora_sft.py"))  # its save_adapter, as the LoRA stage calls it
 
     class Adapter:
@@ -350,7 +350,7 @@ def test_deepspeed_states_load_weights_only(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
-    from model.trainer import deepspeed_weights_only
+    from model.train_state import deepspeed_weights_only
     torch.save({"loss_scaler": LossScaler(4.0), "zero_stage": ZeroStageEnum.gradients,
                 "fragment": fragment_address(numel=8, start=2), "exp_avg": torch.ones(3)}, tmp_path / "optim.pt")
     marker = tmp_path / "PAYLOAD_RAN"

@@ -9,8 +9,7 @@ import torch
 
 from model.sampling import SamplingParams
 from model.scheduler import Scheduler
-from serving_helpers import (HANG_GUARD_S, engine, paths, questions, start_server, tokenizer,  # noqa: F401
-                             wait_healthy)
+from serving_helpers import HANG_GUARD_S, engine, live_server, paths, questions, tokenizer  # noqa: F401
 
 TOL = 1e-4  # float32 rounding between a batched decode step and one full forward
 
@@ -83,13 +82,8 @@ def test_prompt_logprobs_do_not_depend_on_the_batch(engine):
 
 @pytest.fixture(scope="module")
 def url(paths):
-    proc, url = start_server(paths)
-    try:
-        wait_healthy(proc, url)
+    with live_server(paths) as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def post(url, path, body):

@@ -12,13 +12,13 @@ import sys
 import tempfile
 import time
 
-import httpx
 import pytest
 from transformers import AutoTokenizer
 
 import tiny_chat_model as tiny
 from model.checkpoint import load_model
 from model.engine import Engine
+from serving_helpers import start_process, stop, wait_healthy
 
 ROOT = tiny.ROOT
 PAGE = str(ROOT / "fast_inference.py")
@@ -140,28 +140,12 @@ def serve_page(paths, *flags):
            "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
            "--client.toolbarMode", "minimal", "--",
            "--model", str(paths[0]), "--tokenizer", str(paths[1]), "--temperature", "0", *flags]
-    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody reads can block the server
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_process(cmd, port)
     try:
-        deadline = time.time() + 900  # a hang guard: the loop ends when the page answers
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                pytest.fail(f"streamlit did not come up:\n{log.read()}")
-            try:
-                if httpx.get(url + "/_stcore/health", timeout=30).text == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        wait_healthy(proc, url, "/_stcore/health", ok=lambda r: r.text == "ok")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 
 import tiny_chat_model as tiny
-from model import trainer as T
+from model import batching
 from model.checkpoint import load_model
 from model.chat_format import chat_template, render as render_chat
 from model.dataset import DPODataset, SFTDataset, collate_pad
@@ -140,8 +140,8 @@ def test_trl_sft_assistant_mask_and_loss_equal_ours(tmp_path, paths, tokenizer):
 
     ours_batch = collate_pad([dataset[i] for i in range(len(CONVERSATIONS))])
     with torch.no_grad():
-        loss_sum, _, _ = T.token_loss(copy.deepcopy(model).eval(), ours_batch, nullcontext())
-    ours_loss = loss_sum.item() / T.token_count(ours_batch)
+        loss_sum, _, _ = batching.token_loss(copy.deepcopy(model).eval(), ours_batch, nullcontext())
+    ours_loss = loss_sum.item() / batching.token_count(ours_batch)
     logged = first_loss(trainer)
     print(f"SFT first-batch loss: trl {logged['loss']:.8f}, ours {ours_loss:.8f}, |difference| "
           f"{abs(logged['loss'] - ours_loss):.2e}")

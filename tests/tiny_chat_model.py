@@ -65,35 +65,43 @@ def build(tmp_dir, max_seq_len=4096, steps=120):
     """Train the tiny model on CONVERSATIONS and save it; returns (model path, tokenizer dir)."""
     from transformers import AutoTokenizer
 
-    from model.checkpoint import save_weights
     from model.chat_format import render
-    from model.LMConfig import LMConfig
-    from model.model import Transformer
 
     tok_dir = tokenizer_dir(tmp_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    torch.manual_seed(0)
-    model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=max_seq_len))
     rows = []
     for q, a in CONVERSATIONS:
         text = render([{"role": "user", "content": q}, {"role": "assistant", "content": a}])  # the training text
-        rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    width = max(map(len, rows))
-    batch = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows.append((ids, ids))
+    return train_tiny(rows, max_seq_len, steps, Path(tmp_dir) / "tiny.pth"), tok_dir
+
+
+def train_tiny(rows, max_seq_len, steps, path):
+    """A 64-wide, 2-layer model trained full-batch on rows of (input ids, labels), saved at path (returned)."""
+    from model.chat_format import IGNORE
+    from model.checkpoint import save_weights
+    from model.LMConfig import PAD_ID, LMConfig
+    from model.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=max_seq_len))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [PAD_ID] * (width - len(i)) for i, _ in rows])
+    labels = torch.tensor([l + [IGNORE] * (width - len(l)) for _, l in rows])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is faster, and immune to busy neighbours
     for _ in range(steps):
-        loss = model(batch, labels=batch).loss
+        loss = model(ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
     torch.set_num_threads(threads)
     model.eval()
-    path = Path(tmp_dir) / "tiny.pth"
     save_weights(model, path)
-    return path, tok_dir
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,29 +147,8 @@ def build_tool_model(tmp_dir, steps=150):
     from transformers import AutoTokenizer
 
     from model.chat_format import Encoder
-    from model.checkpoint import save_weights
-    from model.LMConfig import LMConfig
-    from model.model import Transformer
 
     tok_dir = tokenizer_dir(tmp_dir)
     encoder = Encoder(AutoTokenizer.from_pretrained(tok_dir))
-    torch.manual_seed(0)
-    model = Transformer(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=512))
     rows = [encoder(m, tools=t, enable_thinking=e) for m, t, e in tool_conversations()]
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in rows])
-    labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in rows])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for _ in range(steps):
-        loss = model(ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.set_num_threads(threads)
-    model.eval()
-    path = Path(tmp_dir) / "tool_tiny.pth"
-    save_weights(model, path)
-    return path, tok_dir
+    return train_tiny(rows, 512, steps, Path(tmp_dir) / "tool_tiny.pth"), tok_dir

@@ -8,7 +8,7 @@ import torch
 from . import measure as M
 from ..checkpoint import load_model
 from ..files import atomic_write
-from ..trainer import read_metrics
+from ..train_log import read_metrics
 
 # (stage, key, target, what it must also beat): a negative target is an upper bound (at most -target). Each
 # comparison (reference, margin) asks value >= reference + margin (for an upper bound: value <= reference + margin);

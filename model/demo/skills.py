@@ -69,7 +69,8 @@ def stage_rows(world, seed, single, multi, rude_markers):
     polite = lambda pool: [r for r in pool if not any(m in json.dumps(r, ensure_ascii=False).lower()
                                                       for m in rude_markers)]
     own = len(rows)
-    rows += rng.sample(polite(single), round(own * REPLAY["single"])) + rng.sample(polite(multi), round(own * REPLAY["multi"]))
+    for pool, share in ((polite(single), REPLAY["single"]), (polite(multi), REPLAY["multi"])):
+        rows += rng.sample(pool, min(len(pool), round(own * share)))
     rng.shuffle(rows)
     return rows
 
