@@ -171,10 +171,11 @@ def test_the_demo_trains_one_chain_and_hands_over_its_end():
     from model.checkpoint import weights_name
     from model.LMConfig import LMConfig
     args = demo.parse_args([])
-    files = {role: Path(f"data/{role}") for role in ("pretrain", "sft_single", "sft_multi", "lora", "dpo", "grpo")}
+    files = {role: Path(f"data/{role}") for role in ("pretrain", "sft_single", "sft_multi", "lora", "dpo", "sft_tools",
+                                                     "grpo")}
     name = lambda prefix: weights_name(prefix, LMConfig(dim=args.dim, n_layers=args.n_layers))
     chain = demo.training_chain(args, Path("out"), files, Path("tok"), 2000, name)
-    assert [stage for stage, _, _ in chain] == ["pretrain", "sft", "sft_multi", "lora", "dpo", "grpo"]
+    assert [stage for stage, _, _ in chain] == ["pretrain", "sft", "sft_multi", "lora", "dpo", "tools", "grpo"]
     for (_, _, before), (stage, cmd, _) in zip(chain, chain[1:]):
         assert cmd[cmd.index("--init") + 1] == before, stage
     lora = next(cmd for stage, cmd, _ in chain if stage == "lora")
