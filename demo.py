@@ -45,8 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--lora_lr", type=float, default=5e-3,
                    help="LoRA sits inside the chain: 1e-2 gave the identity but cost a third of the held-out answers")
     p.add_argument("--dpo_lr", type=float, default=3e-5)
-    p.add_argument("--tools_lr", type=float, default=3e-5,
-                   help="the tool and thinking stage: low, as every lesson after SFT, so held-out answers survive")
+    p.add_argument("--tools_stage", action="store_true",
+                   help="add the tool-call and thinking stage between DPO and GRPO (off by default: at this model size "
+                        "it learns neither and costs the earlier lessons; see the README)")
+    p.add_argument("--tools_lr", type=float, default=3e-5, help="the tool and thinking stage's learning rate")
     p.add_argument("--grpo_lr", type=float, default=2e-5)
     p.add_argument("--grpo_steps", type=int, default=60, help="GRPO steps of 8 prompts x 8 sampled answers")
     p.add_argument("--dtype", default="auto", help="autocast precision of every training stage (see 1-pretrain.py)")
@@ -162,7 +164,7 @@ def training_chain(args, out, files, tokenizer, vocab, name):
               "--device", "cpu", "--dtype", args.dtype, "--log_interval"]
     common, every_step = common + [10], common + [1]  # GRPO logs every step: its reward curve is the lesson
     ep = lambda n: max(1, round(n * args.scale))
-    return [
+    chain = [
         ("pretrain", ["1-pretrain.py", *common, *shape, "--vocab_size", vocab, "--data_path", files["pretrain"],
                       "--epochs", ep(args.pretrain_epochs), "--batch_size", args.pretrain_batch,
                       "--learning_rate", args.pretrain_lr, "--warmup_iters", 30], out / name("pretrain")),
@@ -176,13 +178,16 @@ def training_chain(args, out, files, tokenizer, vocab, name):
                   "--epochs", ep(3), "--batch_size", 16, "--learning_rate", args.lora_lr, "--merge"], out / name("lora")),
         ("dpo", ["5-dpo_train.py", *common, "--init", out / name("lora"), "--data_path", files["dpo"],
                  "--epochs", ep(2), "--batch_size", 16, "--learning_rate", args.dpo_lr, "--beta", 0.1], out / name("rl")),
-        ("tools", ["3-full_sft.py", *common, "--init", out / name("rl"), "--out_name", "full_sft_tools",
-                   "--data_path", files["sft_tools"], "--epochs", ep(2), "--batch_size", 16,
-                   "--learning_rate", args.tools_lr], out / name("full_sft_tools")),
-        ("grpo", ["6-grpo_train.py", *every_step, "--init", out / name("full_sft_tools"), "--data_path", files["grpo"],
-                  "--batch_size", 8, "--num_generations", 8, "--max_new_tokens", 40, "--learning_rate", args.grpo_lr,
-                  "--max_steps", max(1, round(args.grpo_steps * args.scale)), "--warmup_iters", 5], out / name("grpo")),
     ]
+    if args.tools_stage:
+        chain.append(("tools", ["3-full_sft.py", *common, "--init", chain[-1][2], "--out_name", "full_sft_tools",
+                                "--data_path", files["sft_tools"], "--epochs", ep(2), "--batch_size", 16,
+                                "--learning_rate", args.tools_lr], out / name("full_sft_tools")))
+    chain.append(("grpo", ["6-grpo_train.py", *every_step, "--init", chain[-1][2], "--data_path", files["grpo"],
+                           "--batch_size", 8, "--num_generations", 8, "--max_new_tokens", 40,
+                           "--learning_rate", args.grpo_lr, "--max_steps", max(1, round(args.grpo_steps * args.scale)),
+                           "--warmup_iters", 5], out / name("grpo")))
+    return chain
 
 
 def main():
@@ -217,7 +222,9 @@ def main():
     print(f"[{pipe.elapsed()}] measuring every stage on held-out data", flush=True)
     from model.demo.report import measure, write_report
     names = {"pretrain": name("pretrain"), "sft": name("full_sft"), "sft_multi": name("full_sft_multi"),
-             "lora": name("lora"), "dpo": name("rl"), "tools": name("full_sft_tools"), "grpo": name("grpo")}
+             "lora": name("lora"), "dpo": name("rl"), "grpo": name("grpo")}
+    if args.tools_stage:
+        names["tools"] = name("full_sft_tools")
     metrics = {stage: Path(n).with_suffix(".metrics.jsonl").name for stage, n in names.items()}
     metrics["lora"] = Path(name("lora_sft")).with_suffix(".metrics.jsonl").name  # the adapter's training log
     measuring = time.time()

@@ -56,8 +56,6 @@ def read_words(path):
 
 
 def train(data_path, out_dir, vocab_size, holdout_every, whole_words=()):
-    # the chat format's markers are one token each, so a tool call or a thought costs a token per marker
-    whole_words = list(chat_format.MARKERS) + [w for w in whole_words if w not in chat_format.MARKERS]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -32,7 +32,6 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOLS_OPEN, TOOLS_CLOSE = "<tools>", "</tools>"
 THINK_OFF = THINK_OPEN + THINK_CLOSE + "\n"  # the empty thought of an answer given without thinking
-MARKERS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, TOOLS_OPEN, TOOLS_CLOSE)  # a trained tokenizer keeps each whole
 ROLES = ("system", "user", "assistant", "tool")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names; no JSON escaping needed
 

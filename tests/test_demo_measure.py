@@ -175,8 +175,10 @@ def test_the_demo_trains_one_chain_and_hands_over_its_end():
                                                      "grpo")}
     name = lambda prefix: weights_name(prefix, LMConfig(dim=args.dim, n_layers=args.n_layers))
     chain = demo.training_chain(args, Path("out"), files, Path("tok"), 2000, name)
-    assert [stage for stage, _, _ in chain] == ["pretrain", "sft", "sft_multi", "lora", "dpo", "tools", "grpo"]
-    for (_, _, before), (stage, cmd, _) in zip(chain, chain[1:]):
+    assert [stage for stage, _, _ in chain] == ["pretrain", "sft", "sft_multi", "lora", "dpo", "grpo"]
+    with_tools = demo.training_chain(demo.parse_args(["--tools_stage"]), Path("out"), files, Path("tok"), 2000, name)
+    assert [stage for stage, _, _ in with_tools] == ["pretrain", "sft", "sft_multi", "lora", "dpo", "tools", "grpo"]
+    for (_, _, before), (stage, cmd, _) in [*zip(chain, chain[1:]), *zip(with_tools, with_tools[1:])]:
         assert cmd[cmd.index("--init") + 1] == before, stage
     lora = next(cmd for stage, cmd, _ in chain if stage == "lora")
     assert "--merge" in lora  # the merged LoRA model, not a side branch, is what DPO starts from

@@ -79,27 +79,6 @@ def test_stage_rows_are_valid_and_teach_each_lesson(data):
     assert not any(m in line.lower() for line in replayed for m in W.STYLE_MARKERS)  # only the polite ones
 
 
-def test_the_tokenizer_keeps_the_markers_whole_and_learns_the_format(data, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-    world, text = data
-    corpus, words = tmp_path / "tok.jsonl", tmp_path / "names.txt"
-    corpus.write_text(text["tokenizer"], encoding="utf-8")
-    words.write_text(text["names"], encoding="utf-8")
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, "train_tokenizer.py", "--data_path", str(corpus), "--out_dir", str(tmp_path / "tok"),
-                    "--vocab_size", "1000", "--whole_words", str(words)], cwd=root, check=True, capture_output=True)
-    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
-    for marker in cf.MARKERS:
-        assert len(tok.encode(marker, add_special_tokens=False)) == 1, marker
-    call = cf.call_text({"name": "calculate", "arguments": {"expression": "12*7"}})
-    assert len(tok.encode(call, add_special_tokens=False)) <= 25  # (about 50 when BPE never saw the format)
-    assert not any(e["zh"] in text["tokenizer"] for e in T.encyclopedia(world))
-
-
 def test_arithmetic_is_judged_by_the_first_answers_last_number():
     row = {"kind": "arithmetic", "answer": "84"}
     assert S.right(row, "12*7等于84。") and S.right(row, "12*7 equals 84.")

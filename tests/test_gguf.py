@@ -282,8 +282,7 @@ def test_the_demo_tokenizer_exports_exactly(tmp_path, demo_tokenizer, capsys):
     meta, _ = read_gguf(gguf_path)
     types = meta["tokenizer.ggml.token_type"]
     from model import chat_format
-    # user-defined (the names and the chat format's markers), control (<unk>, <s>, </s>)
-    assert sum(t == 4 for t in types) == len(names) + len(chat_format.MARKERS) and sum(t == 3 for t in types) == 3
+    assert sum(t == 4 for t in types) == len(names) and sum(t == 3 for t in types) == 3  # user-defined, control
     # every held-out and SFT question as a chat prompt, and every name alone: the same ids as ours
     rows = [json.loads(line) for f in ("eval_pretrain.jsonl", "eval_sft.jsonl")
             for line in (data / f).read_text(encoding="utf-8").splitlines()]

@@ -43,8 +43,10 @@ TARGETS = [
     ("final", "with_thinking", 0.60, [("thinking.with_thinking", -0.05)]),
     ("ceval_demo", "cloze_accuracy", 0.60, [("baseline", 0.30)]),
 ]
-CHAT_STAGES = ("sft", "sft_multi", "lora", "dpo", "tools", "grpo")  # the chain's chat checkpoints in order; the last is final
-SKILL_MEASURES = ("with_tools", "without_tools", "unneeded_calls", "with_thinking", "direct")  # also on the final model
+CHAT_STAGES = ("sft", "sft_multi", "lora", "dpo", "tools", "grpo")  # the chain's chat checkpoints in order; the last is
+# final. "tools" only with demo.py --tools_stage; its targets (and the final model's tool targets) are judged only then
+STAGE_TITLES = {"sft": "SFT", "sft_multi": "multi-turn SFT", "lora": "LoRA (merged)", "dpo": "DPO",
+                "tools": "tools and thinking", "grpo": "GRPO"}
 CHAT_MEASURES = [  # (key, what it is) measured on every chat stage
     ("heldout_accuracy", "questions about held-out entities (facts only in pretraining)"),
     ("followup", "follow-ups naming the earlier turn's held-out entity by a pronoun"),
@@ -167,7 +169,8 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
           "style": M.read_jsonl(files["eval_style"], limit), "abstain": M.read_jsonl(files["eval_abstain"], limit),
           "open": [r["prompt"] for r in M.read_jsonl(files["eval_open"], limit)],
           "demo": M.read_jsonl(files["eval_demo_questions"])}
-    for stage in CHAT_STAGES:
+    chat_stages = [st for st in CHAT_STAGES if st in models]
+    for stage in chat_stages:
         s[stage] = {**train_stats(out / metrics[stage]), **chat_measures(models[stage], tok, ev, manifest)}
     sft, multi, lora, dpo, grpo = (s[k] for k in ("sft", "sft_multi", "lora", "dpo", "grpo"))
 
@@ -192,7 +195,8 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
     for key, _ in CHAT_MEASURES:
         alias(final, key, grpo, key)
     final["heldout_baseline"] = grpo["heldout_baseline"]
-    skill_measures(s, models, tok, files, manifest, ev)
+    if "tools" in models:
+        skill_measures(s, models, tok, files, manifest, ev)
     grpo_measures(grpo, models, tok, files, manifest, limit)
     s["transcript"] = transcript(models["grpo"], tok, ev)
 
@@ -208,7 +212,7 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
         c[f"{method}_subjects"] = {k: v["accuracy"] for k, v in summary["subjects"].items()}
     c.update(accuracy=c["letter_accuracy"], count=c["letter_accuracy_n"], ci95=c["letter_accuracy_ci95"])
     s["demo_questions"] = [{"question": r["question"], "keywords": r["keywords"],
-                            **{stage: s[stage]["demo_answers"][i] for stage in CHAT_STAGES}}
+                            **{stage: s[stage]["demo_answers"][i] for stage in chat_stages}}
                            for i, r in enumerate(ev["demo"])]
     model = models["sft"]
     return {"model": {"dim": model.config.dim, "n_layers": model.config.n_layers,
@@ -248,7 +252,7 @@ def grpo_measures(grpo, models, tok, files, manifest, limit):
     """pass@1 and pass@8 of sampled answers to held-out questions before GRPO (the model it starts from) and after."""
     from .grpo_task import TASK, pass_at_k
     rows = M.read_jsonl(files["eval_grpo"])
-    before = pass_at_k(models["tools"], tok, rows, limit=limit, sft_value_counts=manifest["sft_value_counts"])
+    before = pass_at_k(models["tools" if "tools" in models else "dpo"], tok, rows, limit=limit, sft_value_counts=manifest["sft_value_counts"])
     after = pass_at_k(models["grpo"], tok, rows, limit=limit)
     put(grpo, "pass1_before", before["pass1"])
     put(grpo, "pass8_before", before["pass8"])
@@ -275,6 +279,9 @@ def judge(stages):
     """Each target: (label, value, target text, comparisons text, met)."""
     verdicts = []
     for stage, key, target, versus in TARGETS:
+        if any(st not in stages for st in [stage] + [ref.split(".")[0] for ref, _ in versus if "." in ref]) or \
+                key not in stages[stage]:
+            continue  # a stage this run did not train (the tools stage is optional)
         value, upper = stages[stage][key], target < 0
         met = value <= -target if upper else value >= target
         texts = []
@@ -312,21 +319,23 @@ def write_report(report, out):
              f"({report.get('cpu', '')}). World seed {report.get('world', {}).get('seed', '')}, "
              f"{report.get('world', {}).get('n_entities', '')} entities. Tokens per entity name: SFT entities "
              f"{tk['tokens_per_name_sft']}, held-out entities {tk['tokens_per_name_heldout']}.", "",
-             "One chain: pretrain → SFT → multi-turn SFT → LoRA (merged) → DPO → tools and thinking → GRPO. The final "
-             "model, the one to chat with, "
+             "One chain: " + " → ".join(["pretrain", *(STAGE_TITLES[st] for st in CHAT_STAGES if st in s)]) +
+             ". The final model, the one to chat with, "
              f"is `{s['final'].get('checkpoint', 'grpo')}`.",
              "", "| stage | seconds | steps | tokens seen | tokens/s | first → final loss |", "|---|---|---|---|---|---|"]
-    for name in ("pretrain", *CHAT_STAGES):
+    chat_stages = [st for st in CHAT_STAGES if st in s]
+    for name in ("pretrain", *chat_stages):
         st = s[name]
         lines.append(f"| {name} | {report.get('stage_seconds', {}).get(name, '')} | {st['steps']} | {st['tokens']} | "
                      f"{st.get('tokens_per_s') or ''} | {st['first_loss']:.3f} → {st['final_loss']:.3f} |")
     lines += ["", "## What each chat stage adds and what it costs", "",
               "Every chat measure on every checkpoint of the chain (held-out rows; value [95% interval]). "
               "The last column is the final model.", "",
-              "| measure | n | " + " | ".join(CHAT_STAGES[:-1]) + f" | {CHAT_STAGES[-1]} = final |", "|---|---|" + "---|" * len(CHAT_STAGES)]
+              "| measure | n | " + " | ".join(chat_stages[:-1]) + f" | {chat_stages[-1]} = final |",
+              "|---|---|" + "---|" * len(chat_stages)]
     for key, what in CHAT_MEASURES:
         lines.append(f"| {key}: {what} | {s['sft'][f'{key}_n']} | " +
-                     " | ".join(_cell(s[st], key) for st in CHAT_STAGES) + " |")
+                     " | ".join(_cell(s[st], key) for st in chat_stages) + " |")
     lines.append(f"\nTrivial baselines on the same rows: held-out questions {s['final']['heldout_baseline']:.3f}, "
                  f"follow-ups {s['sft_multi']['followup_baseline']:.3f} (the best of: always the most common value, the "
                  "value of a random SFT entity); an always-abstain rule scores 1.0 on abstention and on wrong abstention.")
@@ -372,15 +381,15 @@ def write_report(report, out):
     for t in report["targets"]:
         lines.append(f"| {t['measure']} | {t['value']:.3f} | {t['target']} | {t['versus'] or '–'} | "
                      f"{'yes' if t['met'] else 'NO'} |")
-    lines += skill_lines(s) + grpo_lines(s["grpo"])
+    lines += (skill_lines(s) if "tools" in s else []) + grpo_lines(s["grpo"])
     lines += ["", "## A conversation with the final model (greedy)", "", "| you | MiniMind |", "|---|---|"]
     for item in s["transcript"]:
         for q, a in zip(item["turns"], item["answers"]):
             lines.append(f"| {_text(q, 60)} | {_text(a)} |")
     lines += ["", "## The seed's demo questions (a sanity check: they are paraphrases of SFT questions)", "",
-              "| question | " + " | ".join(CHAT_STAGES) + " |", "|---|" + "---|" * len(CHAT_STAGES)]
+              "| question | " + " | ".join(chat_stages) + " |", "|---|" + "---|" * len(chat_stages)]
     for q in s["demo_questions"]:
-        lines.append(f"| {q['question']} | " + " | ".join(_text(q[st], 40) for st in CHAT_STAGES) + " |")
+        lines.append(f"| {q['question']} | " + " | ".join(_text(q[st], 40) for st in chat_stages) + " |")
     lines += ["", "## What these numbers cannot show", ""]
     lines += [f"- {k}: {v}" for k, v in report["limits"].items()]
     lines += ["", "![loss curves](report_losses.png)", "", "![effects](report_effects.png)", ""]
@@ -423,7 +432,7 @@ def skill_lines(s):
 
 def grpo_lines(g):
     return ["", "## GRPO: rewards a program checks", "",
-            f"Task `{g['task']}`: GRPO (from the tools stage's model) samples 8 answers to questions about SFT entities and rewards the right ones; "
+            f"Task `{g['task']}`: GRPO samples 8 answers to questions about SFT entities and rewards the right ones; "
             "measured on one question per fact about held-out entities, 8 answers sampled per question at the "
             "rollouts' temperature 1.0.", "",
             "| measure | n | before | after |", "|---|---|---|---|",
@@ -439,7 +448,7 @@ def plot(report, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     s = report["stages"]
-    names = ["pretrain", *CHAT_STAGES]
+    names = ["pretrain", *(st for st in CHAT_STAGES if st in s)]
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(19, 3))
     curves = [(name, "loss", s[name]["curve"]) for name in names] + [("grpo", "reward", s["grpo"]["reward_curve"])]
     for ax, (name, what, curve) in zip(axes, curves):
@@ -464,14 +473,15 @@ def plot(report, out):
             ("LoRA identity", l["identity_before"], l["identity_after"], None),
             ("DPO preference", d["pref_acc_before"], d["pref_acc_after"], d["pref_baseline_longer_or_shorter"]),
             ("rude/evasive", d["rude_before"], d["rude_after"], None),
-            ("with tools (vs without)", s["tools"]["without_tools"], s["tools"]["with_tools"],
-             s["tools"]["with_tools_baseline"]),
-            ("thinking (vs direct)", s["thinking"]["direct"], s["thinking"]["with_thinking"],
-             s["thinking"]["with_thinking_baseline"]),
             ("GRPO pass@1", s["grpo"]["pass1_before"], s["grpo"]["pass1_after"], s["grpo"]["pass_baseline"]),
             ("final: held-out QA", None, z["heldout_accuracy"], z["heldout_baseline"]),
             ("C-Eval cloze", None, c["cloze_accuracy"], c["baseline"]),
             ("C-Eval letter", None, c["letter_accuracy"], c["baseline"])]
+    if "tools" in s:
+        bars[-3:-3] = [("with tools (vs without)", s["tools"]["without_tools"], s["tools"]["with_tools"],
+                        s["tools"]["with_tools_baseline"]),
+                       ("thinking (vs direct)", s["thinking"]["direct"], s["thinking"]["with_thinking"],
+                        s["thinking"]["with_thinking_baseline"])]
     fig, ax = plt.subplots(figsize=(17, 3.8))
     for i, (label, before, after, base) in enumerate(bars):
         if before is not None:

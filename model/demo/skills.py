@@ -6,7 +6,6 @@ import random
 import re
 from collections import Counter
 
-from .. import chat_format as cf
 from . import measure as M
 from . import unknowns as U
 from .tools import (ARITHMETIC, TOOLS, answer_without_tool, arithmetic_conversation, arithmetic_expression,
@@ -73,23 +72,6 @@ def stage_rows(world, seed, single, multi, rude_markers):
         rows += rng.sample(pool, min(len(pool), round(own * share)))
     rng.shuffle(rows)
     return rows
-
-
-def tokenizer_lines(seed, n=60):
-    """Text of the format's fixed parts (the tool list, calls with training arithmetic, an empty thought), for the
-    tokenizer's corpus: without them BPE never sees JSON or the markers and a call costs ~50 tokens. No name of the
-    world or its encyclopedia is in them."""
-    rng = random.Random(f"minimind-demo-skills-tokenizer-{seed}")
-    held = set(_eval_expressions(seed))
-    lines = []
-    for _ in range(n):
-        x = arithmetic_expression(rng)
-        call = tool_call("calculate", expression=x if x not in held else "1+1")["tool_calls"][0]
-        lines.append(cf.render([{"role": "user", "content": ""}, {"role": "assistant", "content": "",
-                                                                    "tool_calls": [call, {"name": "lookup",
-                                                                                          "arguments": {"name": ""}}]}],
-                               TOOLS, enable_thinking=False))
-    return lines
 
 
 def _eval_expressions(seed):

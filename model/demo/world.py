@@ -958,7 +958,7 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
     files = {
         # the tokenizer learns from the pretraining statements: the pages name SFT entities more often, and would
         # give their names merges that held-out names lack
-        "tokenizer": ("tokenizer.jsonl", _jsonl({"text": t} for t in first_round + skills.tokenizer_lines(seed))),
+        "tokenizer": ("tokenizer.jsonl", _jsonl({"text": t} for t in first_round)),
         # every name, both splits alike: the demo's tokenizer keeps them whole (see train_tokenizer.py --whole_words)
         "names": ("names.txt", "".join(n + "\n" for n in all_names(world))),
         "pretrain": ("pretrain.jsonl", _jsonl(pretrain)),
