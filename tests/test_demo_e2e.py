@@ -108,6 +108,36 @@ def test_loops_are_rare_and_the_transcript_is_in_the_report(report):
     assert "A conversation with the final model" in md and "你好，你是谁？" in md
 
 
+def test_grpo_ends_the_chain_with_its_measures(report):
+    folder, r = report
+    g = r["stages"]["grpo"]
+    for key in ("pass1_before", "pass1_after", "pass8_before", "pass8_after"):
+        assert g[f"{key}_n"] >= 40 and len(g[f"{key}_ci95"]) == 2, key
+    assert g["task"] == "heldout_qa"
+    assert len(g["reward_curve"]) == g["steps"] and 0 <= g["kl_final"] < 0.5  # the KL leash held
+    assert g["pass8_before"] >= g["pass1_before"] + 0.1  # 8 samples find answers 1 does not: RL has room
+    assert "## GRPO" in (folder / "report.md").read_text(encoding="utf-8")
+
+
+def test_the_optional_tools_stage_is_measured_and_reported(tmp_path):
+    """demo.py --tools_stage on a small quick world: the stage joins the chain before GRPO and the report has its
+    measures (with and without tools, unneeded calls, thinking and direct) on its checkpoint and the final model."""
+    proc = subprocess.run([sys.executable, "demo.py", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+                           "--tools_stage", "--n_entities", "64", "--scale", "0.1", "--eval_limit", "40",
+                           "--grpo_steps", "20"], cwd=ROOT, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((tmp_path / "run" / "report.json").read_text())
+    s = r["stages"]
+    for stage in ("tools", "final"):
+        for key in ("with_tools", "without_tools", "unneeded_calls", "unknown_lookup", "with_thinking", "direct"):
+            where = s["thinking"] if stage == "tools" and key in ("with_thinking", "direct") else s[stage]
+            assert f"{key}_n" in where and len(where[f"{key}_ci95"]) == 2, (stage, key)
+    assert s["tools"]["with_tools_n"] > 100 and s["thinking"]["with_thinking_n"] >= 10
+    labels = {t["measure"] for t in r["targets"]}
+    assert {"tools.with_tools", "thinking.with_thinking", "final.with_tools"} <= labels
+    assert "## Tools and thinking" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+
+
 def test_ceval_both_methods(report):
     c = report[1]["stages"]["ceval_demo"]
     assert c["letter_accuracy_n"] >= 200 and c["cloze_accuracy_n"] == c["letter_accuracy_n"]
