@@ -27,11 +27,9 @@ def qa_rows(world, split, one_wording=False, seed=0):
         asked = [rng.choice(v) for v in facts.values()]
     rows = []
     for etype, attr, e, lang, k in asked:
-        rivals = sorted({v[lg] for sp in ("sft", "heldout") for v in W.value_pool(world, etype, attr, sp)
-                         for lg in ("zh", "en")})
         rows.append({"conversations": [{"role": "user", "content": W.question(etype, attr, lang, k, e)}],
-                     "answer": e["attrs"][attr][lang], "competitors": rivals, "lang": lang, "type": etype,
-                     "attr": attr, "entity": e["zh"], "split": split})
+                     "answer": e["attrs"][attr][lang], "competitors": W.rivals(world, etype, attr), "lang": lang,
+                     "type": etype, "attr": attr, "entity": e["zh"], "split": split})
     rng.shuffle(rows)
     return rows
 

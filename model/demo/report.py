@@ -252,7 +252,8 @@ def grpo_measures(grpo, models, tok, files, manifest, limit):
     """pass@1 and pass@8 of sampled answers to held-out questions before GRPO (the model it starts from) and after."""
     from .grpo_task import TASK, pass_at_k
     rows = M.read_jsonl(files["eval_grpo"])
-    before = pass_at_k(models["tools" if "tools" in models else "dpo"], tok, rows, limit=limit, sft_value_counts=manifest["sft_value_counts"])
+    start = models["tools" if "tools" in models else "dpo"]
+    before = pass_at_k(start, tok, rows, limit=limit, sft_value_counts=manifest["sft_value_counts"])
     after = pass_at_k(models["grpo"], tok, rows, limit=limit)
     put(grpo, "pass1_before", before["pass1"])
     put(grpo, "pass8_before", before["pass8"])

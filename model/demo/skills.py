@@ -9,8 +9,9 @@ from collections import Counter
 from . import measure as M
 from . import unknowns as U
 from .tools import (ARITHMETIC, TOOLS, answer_without_tool, arithmetic_conversation, arithmetic_expression,
-                    calculate, encyclopedia, lookup, thinking_conversation, tool_call, tool_loops, two_hop)
-from .world import SCHEMA, attrs_of, canonical_answer, chat, entity_qas, languages, question, value_pool
+                    calculate, encyclopedia, lookup, lookup_conversation, thinking_conversation, tool_call, tool_loops,
+                    two_hop)
+from .world import SCHEMA, attrs_of, chat, entity_qas, languages, question, rivals
 
 ARITHMETIC_ROWS = {"train": 400, "eval": 80}
 KNOWN_WITH_TOOLS = 240  # SFT-entity questions answered from memory with the tools offered: no call
@@ -24,15 +25,11 @@ def _encyclopedia_questions(world, split):
             for attr in attrs_of(e["type"]) for k in range(len(SCHEMA[e["type"]][attr]["q_zh"]))]
 
 
-def _lookup_conversation(world, etype, attr, e, text, name=None):
-    """Call lookup with the name, read the entry, answer with the canonical sentence (or "I don't know" when the
-    encyclopedia has no entry for it)."""
-    name = name or e["zh"]
-    found = e is not None
+def _unknown_lookup(world, name, text):
+    """A name the encyclopedia does not have: look it up, read that there is no entry, say "I don't know"."""
     return {"tools": TOOLS, "conversations": [
         {"role": "user", "content": text}, tool_call("lookup", name=name),
-        {"role": "tool", "content": lookup(world, name)},
-        {"role": "assistant", "content": canonical_answer(etype, attr, "zh", e) if found else U.ABSTAIN["zh"]}]}
+        {"role": "tool", "content": lookup(world, name)}, {"role": "assistant", "content": U.ABSTAIN["zh"]}]}
 
 
 def stage_rows(world, seed, single, multi, rude_markers):
@@ -42,7 +39,8 @@ def stage_rows(world, seed, single, multi, rude_markers):
     and without it; and a replay of the polite single- and multi-turn SFT rows, so the earlier lessons stay."""
     rng = random.Random(f"minimind-demo-skills-{seed}")
     asked = _encyclopedia_questions(world, "sft")
-    rows = [_lookup_conversation(world, etype, attr, e, question(etype, attr, "zh", k, e)) for etype, attr, e, k in asked]
+    rows = [lookup_conversation(world, etype, attr, "zh", e, question(etype, attr, "zh", k, e))
+            for etype, attr, e, k in asked]
     rows += [{"conversations": chat(question(etype, attr, "zh", k, e), U.ABSTAIN["zh"])}
              for etype, attr, e, k in rng.sample(asked, len(asked) // 4)]
     held_expressions = set(_eval_expressions(seed))
@@ -58,7 +56,7 @@ def stage_rows(world, seed, single, multi, rude_markers):
     for etype, n in unknown_train[:UNKNOWN_WITH_TOOLS]:
         attr = rng.choice(attrs_of(etype))
         text = SCHEMA[etype][attr]["q_zh"][rng.randrange(len(SCHEMA[etype][attr]["q_zh"]))].format(n=n["zh"])
-        rows.append(_lookup_conversation(world, etype, attr, None, text, n["zh"]))
+        rows.append(_unknown_lookup(world, n["zh"], text))
     for e in world["entities"]["person"]:
         if e["split"] == "sft":
             for lang in languages(e):
@@ -87,14 +85,14 @@ def eval_rows(world, seed):
     tools = []
     for etype, attr, e, k in _encyclopedia_questions(world, "heldout"):
         tools.append({"prompt": question(etype, attr, "zh", k, e), "answer": e["attrs"][attr]["zh"],
-                      "competitors": _rivals(world, etype, attr), "kind": "lookup", "lang": "zh",
+                      "competitors": rivals(world, etype, attr), "kind": "lookup", "lang": "zh",
                       "type": etype, "attr": attr})
     for i, x in enumerate(_eval_expressions(seed)):
         lang = "en" if i % 3 == 2 else "zh"
         tools.append({"prompt": ARITHMETIC[lang][i % len(ARITHMETIC[lang])].format(x=x), "answer": calculate(x),
                       "competitors": [], "kind": "arithmetic", "lang": lang})
     known = [{"prompt": question(etype, attr, lang, k, e), "answer": e["attrs"][attr][lang],
-              "competitors": _rivals(world, etype, attr), "kind": "known", "lang": lang, "type": etype, "attr": attr}
+              "competitors": rivals(world, etype, attr), "kind": "known", "lang": lang, "type": etype, "attr": attr}
              for etype, attr, e, lang, k in rng.sample(entity_qas(world, "sft"), 120)]
     thinking = []
     for e in world["entities"]["person"]:
@@ -107,10 +105,6 @@ def eval_rows(world, seed):
                                      "lang": lang, "competitors": [c[lg] for c in world["countries"]
                                                                    for lg in ("zh", "en")]})
     return {"tools": tools, "known": known, "thinking": thinking}
-
-
-def _rivals(world, etype, attr):
-    return sorted({v[lg] for sp in ("sft", "heldout") for v in value_pool(world, etype, attr, sp) for lg in ("zh", "en")})
 
 
 def right(row, answer):
@@ -160,7 +154,8 @@ def tool_measures(engine, world, rows, unknown_rows, baseline_counts, complete=N
 def country_baseline(world, rows):
     """Always the country SFT persons are most often from, scored on the rows (a rule of thumb, no hop at all)."""
     home = {c["zh"]: c["attrs"]["country"] for c in world["entities"]["city"]}
-    counts = Counter(home[e["attrs"]["hometown"]["zh"]]["zh"] for e in world["entities"]["person"] if e["split"] == "sft")
+    counts = Counter(home[e["attrs"]["hometown"]["zh"]]["zh"] for e in world["entities"]["person"]
+                     if e["split"] == "sft")
     common = next(c for c in world["countries"] if c["zh"] == counts.most_common(1)[0][0])
     return round(sum(r["answer"] == common[r["lang"]] for r in rows) / max(len(rows), 1), 4)
 

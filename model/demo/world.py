@@ -492,6 +492,12 @@ def value_pool(world, etype, attr, split):
     return [_value(v) for v in spec["values"]]
 
 
+def rivals(world, etype, attr):
+    """Every value the attribute takes in the world, both languages: what a right answer must not also name."""
+    return sorted({v[lang] for split in ("sft", "heldout") for v in value_pool(world, etype, attr, split)
+                   for lang in ("zh", "en")})
+
+
 def statement(etype, attr, lang, k, e, value=None, lead=""):
     """Template k filled in, behind an optional lead-in: (sentence, prompt before the value)."""
     v = value or e["attrs"][attr]
