@@ -132,7 +132,7 @@ def test_the_optional_tools_stage_is_measured_and_reported(tmp_path):
         for key in ("with_tools", "without_tools", "unneeded_calls", "unknown_lookup", "with_thinking", "direct"):
             where = s["thinking"] if stage == "tools" and key in ("with_thinking", "direct") else s[stage]
             assert f"{key}_n" in where and len(where[f"{key}_ci95"]) == 2, (stage, key)
-    assert s["tools"]["with_tools_n"] > 100 and s["thinking"]["with_thinking_n"] >= 10
+    assert s["tools"]["with_tools_n"] > 100 and s["thinking"]["with_thinking_n"] >= 8  # 4 held-out persons x 2 wordings
     labels = {t["measure"] for t in r["targets"]}
     assert {"tools.with_tools", "thinking.with_thinking", "final.with_tools"} <= labels
     assert "## Tools and thinking" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
