@@ -14,6 +14,8 @@ import sys
 
 from openai import LengthFinishReasonError, OpenAI, OpenAIError
 
+from model.errors import UserError, run
+
 
 def ask(client, args, history):
     """Send the history, print the answer as it arrives (thought 💭 apart, tool calls 🔧), and return it as an
@@ -115,7 +117,7 @@ def main():
 
     for flag, text in (("--once", args.once), ("--system", args.system)):
         if text is not None and not is_text(text):
-            sys.exit(f"error: {flag}: not valid UTF-8 text")
+            raise UserError(f"{flag}: not valid UTF-8 text")
     client = OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0)
     try:
         args.model = args.model or client.models.list().data[0].id
@@ -142,8 +144,8 @@ def main():
             if args.once is not None:
                 break
     except OpenAIError as e:
-        sys.exit(f"error from {args.base_url}: {e}")
+        raise UserError(f"{args.base_url}: {e}") from None
 
 
 if __name__ == "__main__":
-    main()
+    run(main, exit_code=1)

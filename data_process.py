@@ -7,6 +7,7 @@ import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
+from model.errors import DataError, run  # noqa: E402 (after the path is set)
 
 
 def demo(args):
@@ -18,7 +19,7 @@ def demo(args):
                      en_frac=args.en_frac, mcq_drills=args.mcq_drills, rounds=args.rounds,
                      followup_pages=args.followup_pages, repo_root=ROOT)
     except ValueError as e:
-        sys.exit(f"data_process.py demo: {e}")
+        raise DataError(f"data_process.py demo: {e}") from None
     for name, size in m["sizes"].items():
         print(f"{name:32s} {size['rows']:7d} rows {size['chars']:9d} chars")
     print(f"English share of pretraining text: {m['english_share_of_pretrain']}")
@@ -94,16 +95,8 @@ def main(argv=None):
     io_args(o, "dpo")
 
     args = p.parse_args(argv)
-    from model.convert import DataError
-
-    try:
-        demo(args) if args.cmd == "demo" else convert(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as e:  # e.g. the demo's --out folder cannot be written; the OS names the path
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    try:  # a bad file or an unwritable --out folder: one line, exit 1
+        run(demo if args.cmd == "demo" else convert, args, exit_code=1)
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)
         sys.exit(130)

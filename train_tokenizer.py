@@ -8,6 +8,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from tqdm import tqdm
 
 from model import chat_format
+from model.errors import DataError, run
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2; <unk> doubles as padding
 CHAT_TEMPLATE = chat_format.CHAT_TEMPLATE  # the chat format's own Jinja form (model/chat_format.py)
@@ -153,22 +154,22 @@ def main():
         return
     if not os.path.isfile(args.data_path):
         what = "is a folder, not a JSONL file" if os.path.isdir(args.data_path) else "not found"
-        sys.exit(f"error: {args.data_path} {what} (python train_tokenizer.py --make_corpus writes one)")
+        raise DataError(f"{args.data_path} {what} (python train_tokenizer.py --make_corpus writes one)")
     try:
         os.makedirs(args.out_dir, exist_ok=True)  # before training: an unwritable folder fails at once
         words = read_words(args.whole_words) if args.whole_words else []
         heldout = train(args.data_path, args.out_dir, args.vocab_size, args.holdout_every, words)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        raise DataError(str(e)) from None
     except OSError as e:
-        sys.exit(f"error: cannot write the tokenizer to {args.out_dir}: {e}")
+        raise DataError(f"cannot write the tokenizer to {args.out_dir}: {e}") from None
     except Exception as e:  # the tokenizers library reports a failed save as its own exception type
         if "os error" not in str(e).lower():
             raise
-        sys.exit(f"error: cannot write the tokenizer to {args.out_dir}: {str(e).splitlines()[0]}")
+        raise DataError(f"cannot write the tokenizer to {args.out_dir}: {str(e).splitlines()[0]}") from None
     print(f"saved {args.out_dir}")
     check(args.out_dir, heldout)
 
 
 if __name__ == "__main__":
-    main()
+    run(main, exit_code=1)

@@ -3,15 +3,12 @@ their defaults and valid ranges), the training flags and the one TrainConfig bui
 running a main() so that a user's mistake (model.errors) is one line on stderr instead of a traceback."""
 import argparse
 import dataclasses
-import functools
-import sys
 from pathlib import Path
 
 import torch
 
 from .checkpoint import DEFAULT_TOKENIZER, STAGE_SCRIPTS, load_model_and_tokenizer
-from .errors import CheckpointError, UserError
-from .files import first_line
+from .errors import CheckpointError, Failed, run, script  # noqa: F401 (the scripts fail through cli.run / cli.script)
 from .sampling import SAMPLING_RULES, SamplingParams
 from .LMConfig import DEFAULTS as LM_DEFAULTS, SHAPE_FLAGS
 from .train_config import TrainConfig
@@ -156,9 +153,9 @@ def train_config(args) -> TrainConfig:
 def stage_hint(path) -> str:
     """Which numbered script writes a checkpoint of this name (out/full_sft_512.pth -> python 3-full_sft.py)."""
     name = Path(path).name
-    for prefix, script in STAGE_SCRIPTS.items():
+    for prefix, stage_script in STAGE_SCRIPTS.items():
         if name.startswith(prefix):
-            return f"train it with `python {script}`"
+            return f"train it with `python {stage_script}`"
     return "train one with the numbered stage scripts"
 
 
@@ -180,39 +177,3 @@ def load_from_flags(args):
         raise CheckpointError(str(e)) from None
 
 
-class Failed(SystemExit):
-    """Exit code 2 after the one line run() printed; str() is that line (as for sys.exit("line"))."""
-
-    def __init__(self, line):
-        super().__init__(2)
-        self.line = line
-
-    def __str__(self):
-        return self.line
-
-
-def run(main, *args, **kwargs):
-    """Run a script's main(*args, **kwargs) and return what it returns; the project's errors (model.errors) and
-    files the OS cannot read or write become one line on stderr and exit code 2 (Failed). The one place that
-    turns an error into an exit."""
-    import torch.distributed as dist
-    try:
-        return main(*args, **kwargs)
-    except (UserError, OSError) as e:
-        from tqdm import tqdm
-        for bar in list(tqdm._instances):  # a progress bar cut short: the error starts its own line
-            bar.close()
-        line = f"error: {first_line(e, 1000)}"
-        print(line, file=sys.stderr, flush=True)
-        raise Failed(line) from None
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def script(main):
-    """A script's main() that fails as run() says, also when called from Python (tests call main(argv))."""
-    @functools.wraps(main)
-    def wrapped(*args, **kwargs):
-        return run(main, *args, **kwargs)
-    return wrapped

