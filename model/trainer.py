@@ -418,7 +418,9 @@ class Trainer:
         counted = [self._counts(b, w) for b, w in batches]
         local_count, n_tokens = sum(c for c, _ in counted), sum(t for _, t in counted)
         if rt.distributed:  # summed on the device: the step goes on without waiting for the result
-            totals = torch.tensor([local_count, n_tokens], dtype=torch.float64, device=rt.device)
+            # queued from pinned memory: torch.tensor(..., device=cuda) would wait for the GPU's queue to drain
+            totals = torch.tensor([local_count, n_tokens], dtype=torch.float64)
+            totals = (totals.pin_memory() if rt.device.type == "cuda" else totals).to(rt.device, non_blocking=True)
             dist.all_reduce(totals)
             global_count, n_tokens = totals[0].clamp(min=1.0), totals[1]
             scale = (rt.world_size / global_count).float()

@@ -88,6 +88,32 @@ def test_no_host_sync_on_steps_that_do_not_log(tmp_path, monkeypatch):
     assert all(calls[step] > 0 for step in logged)  # the count sees the logging steps' reads
 
 
+def test_distributed_counts_reach_the_device_by_a_queued_copy(tmp_path, monkeypatch):
+    """torch.tensor(..., device=cuda) is a blocking copy that waits for the GPU's queue: the step's counts are made
+    on the host and copied non-blocking before their all-reduce (the distributed branch run in a one-process
+    gloo group on CPU, where both copies are no-ops)."""
+    import torch.distributed as dist
+    plain = make_trainer(tmp_path / "plain", "--max_steps", "3", "--log_interval", "1")
+    plain.fit()
+    made, real = [], torch.tensor
+
+    def spy(*a, **k):
+        if sys._getframe(1).f_code.co_filename.endswith("trainer.py"):
+            made.append(k.get("device"))
+        return real(*a, **k)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        t = make_trainer(tmp_path / "dist", "--max_steps", "3", "--log_interval", "1")
+        t.rt.distributed = True
+        monkeypatch.setattr(torch, "tensor", spy)
+        t.fit()
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
+    assert made == [None] * 3
+    assert [r["tokens"] for r in metrics(tmp_path / "dist")] == [r["tokens"] for r in metrics(tmp_path / "plain")]
+
+
 def test_loader_workers_change_nothing(tmp_path):
     """Worker processes read ahead; the batches, losses and weights are those of the in-process loader."""
     runs = {}
