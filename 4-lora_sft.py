@@ -1,4 +1,5 @@
 """Stage 4, LoRA: adapt an SFT model with small low-rank adapters (peft) while its own weights stay frozen."""
+import json
 from pathlib import Path
 
 from model import cli, stage, trainer as T
@@ -13,6 +14,14 @@ def save_adapter(peft_model, weights_path):
     """The adapter folder (peft format) beside the state files, swapped in whole."""
     with atomic_folder(Path(weights_path).with_suffix("")) as tmp:
         peft_model.save_pretrained(tmp)
+        # peft keeps target_modules as a set, written in an order that changes with Python's string hashing: sorted,
+        # the same run gives the same folder byte for byte
+        config = Path(tmp) / "adapter_config.json"
+        if config.is_file():
+            fields = json.loads(config.read_text(encoding="utf-8"))
+            if isinstance(fields.get("target_modules"), list):
+                fields["target_modules"] = sorted(fields["target_modules"])
+            config.write_text(json.dumps(fields, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def main():

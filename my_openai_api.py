@@ -906,7 +906,9 @@ class TextReply:
             text, self.offset[i] = self.prompt_text[i] + text, len(self.prompt_text[i])
         logprobs = None
         if r.params.logprobs is not None:
-            entries = self.tokens.generated(r, self.sent[i])
+            # a final </s> is listed too, as OpenAI and vLLM list it: lm-eval's local-completions scores a prompt
+            # as all entries but the one generated token, so that token must always be there
+            entries = r.logprobs[self.sent[i]:]
             ids = r.token_ids[self.sent[i]:self.sent[i] + len(entries)]
             self.sent[i] += len(entries)
             logprobs = self.tokens.legacy(ids, entries, self.offset[i])

@@ -54,10 +54,12 @@ def is_utf8(raw, final=True):
         return False
 
 
-def encoding_advice(path, encoding):
+def encoding_advice(path, encoding, compressed=False):
     stem, dot, ext = os.path.basename(path).partition(".")
-    return (f"{path}: the file is {encoding} text, not UTF-8; convert it first, e.g. "
-            f"iconv -f {encoding} -t UTF-8 {path} > {stem}.utf8{dot}{ext}")
+    convert = f"iconv -f {encoding} -t UTF-8 {path}"
+    if compressed:  # iconv must see the text, not the gzip stream
+        convert = f"gzip -dc {path} | iconv -f {encoding} -t UTF-8 | gzip"
+    return f"{path}: the file is {encoding} text, not UTF-8; convert it first, e.g. {convert} > {stem}.utf8{dot}{ext}"
 
 
 def is_gzip(path):
@@ -68,7 +70,8 @@ def is_gzip(path):
 def open_input(path):
     """A raw input file for reading bytes: gzip-compressed files (large corpora ship as .jsonl.gz) are read
     through gzip whatever their name. A file in UTF-16 or GBK is a DataError naming the encoding."""
-    f = gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+    compressed = is_gzip(path)
+    f = gzip.open(path, "rb") if compressed else open(path, "rb")
     try:
         encoding = sniff_encoding(f.peek(1 << 16)[:1 << 16])
     except (OSError, EOFError) as e:  # a damaged or truncated gzip file
@@ -76,7 +79,7 @@ def open_input(path):
         raise DataError(f"{path}: cannot read it as gzip ({e})") from None
     if encoding:
         f.close()
-        raise DataError(encoding_advice(path, encoding))
+        raise DataError(encoding_advice(path, encoding, compressed))
     return f
 
 

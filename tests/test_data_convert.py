@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -366,3 +367,8 @@ def test_utf16_and_gbk_input_is_named(tmp_path, capsys, encoding, name, compress
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert f"{src}: the file is {name} text, not UTF-8" in err and f"iconv -f {name} -t UTF-8" in err
     assert "byte" not in err and not out.exists()
+    if shutil.which("iconv") and shutil.which("gzip"):  # the suggested command makes a file the converter reads
+        subprocess.run(err.split("e.g. ", 1)[1].strip(), shell=True, cwd=tmp_path, check=True)
+        converted = tmp_path / ("in.utf8.jsonl.gz" if compressed else "in.utf8.jsonl")
+        code, _, err = run(["pretrain", "--input", str(converted), "--output", str(out)], capsys)
+        assert code == 0 and len(read_jsonl(out)) == 20, err

@@ -140,6 +140,25 @@ def test_completions_echo_with_max_tokens_0_scores_token_id_prompts(url, engine)
 
 
 @pytest.mark.slow
+def test_completions_list_a_final_eos_as_lm_eval_reads_it(url, engine):
+    """lm-eval's local-completions scores a prompt as every entry but the one generated token (echo, max_tokens 1):
+    when that token is </s> it is listed too, or the prompt's last token would be dropped from the score."""
+    ids = engine.encode(questions(1)[0][0]["content"])
+    body = {"prompt": [ids], "echo": True, "max_tokens": 1, "logprobs": 1, "temperature": 0,
+            "logit_bias": {str(engine.eos_id): 100}}  # the one token generated is </s>
+    for stream in (False, True):
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": stream}, timeout=HANG_GUARD_S) as r:
+            lines = [line[6:] if stream else line for line in r.iter_lines() if line.startswith("data: ") or not stream]
+        choices = [c for e in lines if e and e != "[DONE]" for c in json.loads(e)["choices"]]
+        lp = {k: [v for c in choices for v in c["logprobs"][k]] for k in choices[0]["logprobs"]}
+        assert choices[-1]["finish_reason"] == "stop" and "".join(c["text"] for c in choices) == engine.tokenizer.decode(ids)
+        assert len(lp["tokens"]) == len(ids) + 1 and lp["tokens"][-1] == "</s>"
+        logp = forward_logprobs(engine.model, ids)
+        assert abs(lp["token_logprobs"][-1] - logp[-1, engine.eos_id].item()) < TOL
+        assert abs(lp["token_logprobs"][-2] - logp[-2, ids[-1]].item()) < TOL  # the prompt's last token, scored
+
+
+@pytest.mark.slow
 def test_completions_prompt_forms_streaming_and_the_sdk(url, engine):
     text = engine.tokenizer.apply_chat_template(questions(1)[0], tokenize=False, add_generation_prompt=True)
     ids = engine.encode(text)
@@ -162,8 +181,7 @@ def test_completions_prompt_forms_streaming_and_the_sdk(url, engine):
         assert joined == ref["logprobs"]
     sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=HANG_GUARD_S)
     done = sdk.completions.create(model="any", prompt=text, temperature=0, max_tokens=8, logprobs=2)
-    assert done.choices[0].text == alone.text and len(done.choices[0].logprobs.tokens) == 8 - (
-        alone.finish_reason == "stop")
+    assert done.choices[0].text == alone.text and len(done.choices[0].logprobs.tokens) == len(alone.token_ids)
 
 
 @pytest.mark.slow

@@ -119,7 +119,7 @@ def test_lora_twice_with_the_same_seed_gives_the_same_adapter(data, tmp_path):
     torch.manual_seed(0)
     init = tmp_path / "full_sft_32.pth"
     save_weights(Transformer(LMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=48)), init)
-    states = []
+    states, adapters = [], []
     for run, noise in enumerate((1, 2)):
         torch.manual_seed(noise)  # whatever the process did before must not matter
         out = tmp_path / f"lora{run}"
@@ -127,10 +127,25 @@ def test_lora_twice_with_the_same_seed_gives_the_same_adapter(data, tmp_path):
                                   "--out_dir", out, "--max_steps", "3", "--learning_rate", "1e-2")
         assert code == 0, err
         states.append(torch.load(out / "lora_sft_32.state.pt", weights_only=True)["model"])
+        adapters.append(out / "lora_sft_32")
     lora_keys = [k for k in states[0] if "lora_" in k]
     assert lora_keys
     for k in lora_keys:
         assert torch.equal(states[0][k], states[1][k]), k
+    # a new process with other string hashing (set orders) writes the same adapter folder, byte for byte
+    out = tmp_path / "lora_process"
+    proc = subprocess.run([sys.executable, "4-lora_sft.py", *TRAIN, "--init", str(init), "--data_path",
+                           str(data / "sft.jsonl"), "--out_dir", str(out), "--max_steps", "3", "--learning_rate",
+                           "1e-2"], cwd=ROOT, env={**ENV, "PYTHONHASHSEED": "3"}, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    adapters.append(out / "lora_sft_32")
+    files = sorted(p.name for p in adapters[0].iterdir())
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    for adapter in adapters[1:]:
+        assert sorted(p.name for p in adapter.iterdir()) == files
+        for name in files:
+            assert sha(adapter / name) == sha(adapters[0] / name), name
 
 
 # ---------------------------------------------------------------- signals: exit codes and the final name
