@@ -4,6 +4,7 @@ file runs code), with one-line errors that name the file."""
 import json
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -159,7 +160,14 @@ def load_model(path, device="cpu", dtype=None, **shape) -> Transformer:
         state = load_state_dict(path)
         side = sidecar_path(path)
         overrides = {k: v for k, v in shape.items() if v is not None}
-        config = read_sidecar(side, overrides) if side.is_file() else shape_from_tensors(state, path, overrides)
+        if side.is_file():
+            config = read_sidecar(side, overrides)
+        else:
+            config = shape_from_tensors(state, path, overrides)
+            if "n_heads" not in overrides:  # wq is dim x dim whatever the head count: a guess, said aloud
+                print(f"warning: {path} has no {side.name} beside it, so its head count is assumed to be "
+                      f"{config.n_heads} (the published v1 models'); keep the .json its training wrote",
+                      file=sys.stderr, flush=True)
         model = Transformer(config)
         check_shapes(state, model, path)
         model.load_state_dict(state, strict=True)

@@ -193,6 +193,11 @@ class Trainer:
         p = self.partial_weights
         return [p, p.with_suffix(".json"), p.with_suffix("")]
 
+    @staticmethod
+    def written(weights):
+        """What save_fn wrote for a weights name: the .pth, or the adapter folder a LoRA run writes instead."""
+        return next((p for p in (weights, weights.with_suffix("")) if p.exists()), weights)
+
     def _write_failure(self, e, state=None):
         """One line: what could not be written (on a full disk, how much room it needed and had), and only true
         statements about what survives."""
@@ -373,7 +378,7 @@ class Trainer:
         self.save(final=True)
         if rt.is_main:
             self.log.plot()
-            rt.print(f"{self.stem}: done in {time.time() - t0:.1f}s -> {self.out_weights}")
+            rt.print(f"{self.stem}: done in {time.time() - t0:.1f}s -> {self.written(self.out_weights)}")
         if self.wandb is not None:
             self.wandb.finish()
         return True
@@ -390,7 +395,7 @@ class Trainer:
         if self.rt.is_main:
             print(f"{self.stem}: stopped by {signal.Signals(signum).name} at step {self.step} of "
                   f"{self.total_steps}: training state in {self.states.latest} (continue with --resume), "
-                  f"partial weights in {next((p for p in self.partial_paths() if p.exists()), self.partial_weights)}; "
+                  f"partial weights in {self.written(self.partial_weights)}; "
                   f"{self.out_weights} was not written",
                   file=sys.stderr, flush=True)
         if self.wandb is not None:

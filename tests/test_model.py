@@ -467,6 +467,17 @@ def test_published_style_pth_with_compile_prefix_loads_strictly(tmp_path, moe):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
+def test_pth_without_sidecar_says_the_head_count_is_assumed(tmp_path, capsys):
+    model = make(tiny())
+    torch.save(model.state_dict(), tmp_path / "copied.pth")  # copied without its .json
+    assumed = load_model(tmp_path / "copied.pth")
+    err = capsys.readouterr().err
+    assert "copied.pth has no copied.json" in err and f"assumed to be {assumed.config.n_heads}" in err
+    assert len(err.strip().splitlines()) == 1
+    load_model(tmp_path / "copied.pth", n_heads=4)  # told: nothing to warn about
+    assert capsys.readouterr().err == ""
+
+
 def test_state_dict_mismatches_raise_naming_the_problem(tmp_path):
     model = make(tiny())
     good = model.state_dict()

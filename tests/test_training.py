@@ -188,9 +188,10 @@ def test_sft_lora_dpo_stages_learn(demo, pretrained, tmp_path):
 
     sft_pth = tmp_path / "full_sft_32.pth"
     base_before = weights(sft_pth)
-    run([sys.executable, "4-lora_sft.py", *COMMON, "--init", str(sft_pth), "--data_path", str(demo / "lora_identity.jsonl"),
-         "--out_dir", str(tmp_path), "--batch_size", "8", "--max_steps", "10", "--learning_rate", "1e-2",
-         "--lora_dropout", "0", "--merge"])
+    out = run([sys.executable, "4-lora_sft.py", *COMMON, "--init", str(sft_pth), "--data_path",
+               str(demo / "lora_identity.jsonl"), "--out_dir", str(tmp_path), "--batch_size", "8", "--max_steps", "10",
+               "--learning_rate", "1e-2", "--lora_dropout", "0", "--merge"])
+    assert f"-> {tmp_path / 'lora_sft_32'}\n" in out.stdout  # names the adapter folder it wrote, not a .pth
     lora = losses(tmp_path / "lora_sft_32.metrics.jsonl")
     assert lora[-1] < lora[0]
     state = torch.load(tmp_path / "lora_sft_32.state.pt", map_location="cpu", weights_only=True)["model"]
