@@ -129,6 +129,12 @@ def atomic_open(path, mode="w"):
         remove(tmp)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_folder(path):
     """A temporary folder to fill; when the block ends without an error it replaces the folder `path` whole
@@ -139,8 +145,13 @@ def atomic_folder(path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
-        for folder, _, names in os.walk(tmp):
+        umask = current_umask()
+        os.chmod(tmp, 0o777 & ~umask)
+        for folder, dirs, names in os.walk(tmp):
+            for name in dirs:  # writers such as safetensors create 0600 files whatever the umask says
+                os.chmod(os.path.join(folder, name), 0o777 & ~umask)
             for name in names:
+                os.chmod(os.path.join(folder, name), 0o666 & ~umask)
                 fsync_path(os.path.join(folder, name))
         if path.exists() or path.is_symlink():
             os.replace(path, old)
