@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one go (about ten minutes on one GPU): the CUDA tests, bench_gpu.py, 200-step 1-pretrain.py and
+# The GPU checks in one go (at most ten minutes on one GPU: the step limits add up to 585 s): the CUDA tests, bench_gpu.py, 200-step 1-pretrain.py and
 # 3-full_sft.py with --compile on a synthetic corpus, and torchrun with one process. Every log goes to $OUT (or
 # out/gpu_check); summary.txt collects the lines that carry numbers.
 #
@@ -27,10 +27,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'available', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/summary.txt"
 
-step cuda_tests 180 python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_device.py
+step cuda_tests 120 python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_device.py
 tail -n 3 "$OUT/cuda_tests.log" >>"$OUT/summary.txt"
 
-step bench_gpu 300 python bench/bench_gpu.py --compile
+step bench_gpu 240 python bench/bench_gpu.py --compile
 grep -E "^\[|device|peak  |best|ratio|engine|decode|flash" "$OUT/bench_gpu.log" >>"$OUT/summary.txt"
 
 # a synthetic pretraining corpus (packed rows repeat over epochs: 200 steps of 32 x 512 need 3.3M tokens) and SFT chats
@@ -43,9 +43,9 @@ write_chats(sys.argv[1], 20000)
 EOF
 
 COMMON=(--out_dir "$W/out" --max_steps 200 --log_interval 20 --save_interval 1000 --epochs 100)
-step pretrain 180 python 1-pretrain.py "${COMMON[@]}" --data_path "$W/pretrain.jsonl" --compile
-step full_sft 150 python 3-full_sft.py "${COMMON[@]}" --data_path "$W/sft.jsonl" --compile
-step torchrun_1 120 torchrun --standalone --nproc_per_node 1 1-pretrain.py --out_dir "$W/out_torchrun" \
+step pretrain 90 python 1-pretrain.py "${COMMON[@]}" --data_path "$W/pretrain.jsonl" --compile
+step full_sft 75 python 3-full_sft.py "${COMMON[@]}" --data_path "$W/sft.jsonl" --compile
+step torchrun_1 60 torchrun --standalone --nproc_per_node 1 1-pretrain.py --out_dir "$W/out_torchrun" \
     --data_path "$W/pretrain.jsonl" --max_steps 50 --log_interval 10 --save_interval 1000
 for name in pretrain full_sft torchrun_1; do
     grep -E "step|done|error" "$OUT/$name.log" | tail -n 4 >>"$OUT/summary.txt"
