@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks in one go (at most ten minutes on one GPU: the step limits add up to 585 s): the CUDA tests, bench_gpu.py, 200-step 1-pretrain.py and
-# 3-full_sft.py with --compile on a synthetic corpus, and torchrun with one process. Every log goes to $OUT (or
-# out/gpu_check); summary.txt collects the lines that carry numbers.
+# The GPU checks in one go, at most ten minutes on one GPU (the step limits add up to 585 s): the CUDA tests,
+# bench_gpu.py, 200-step 1-pretrain.py and 3-full_sft.py with --compile on a synthetic corpus, and torchrun with one
+# process. Every log goes to $OUT (or out/gpu_check); summary.txt collects the lines that carry numbers.
 #
 #     bash bench/gpu_check.sh                 # from the repository root, on a machine with an NVIDIA GPU
 set -uo pipefail
