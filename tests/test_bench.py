@@ -47,3 +47,20 @@ def test_bench_runs(name):
     assert proc.returncode == 0, out[-3000:]
     for text in expected:
         assert text in out, f"{text!r} missing from the output of {name}:\n{out[-3000:]}"
+
+
+def test_demo_seeds_table_names_each_rule_and_judges_the_worst_seed_by_its_margin():
+    import runpy
+    table = runpy.run_path(str(ROOT / "bench" / "demo_seeds.py"))["table"]
+
+    def report(value, before):
+        return {"wall_seconds": 60, "targets": [
+            {"measure": "grpo.pass1_after", "value": value, "target": "≥ 0.00",
+             "versus": f"pass1_before {before:.3f} + 0.15", "met": value >= before + 0.15},
+            {"measure": "final.identity", "value": value, "target": "≥ 0.95",
+             "versus": f"lora.identity {before:.3f} − 0.05", "met": value >= 0.95 and value >= before - 0.05}]}
+
+    # seed 1 has the lower value but seed 2 the smaller gain over its own before
+    rows = table({1: report(0.30, 0.10), 2: report(0.40, 0.30)}).splitlines()
+    assert rows[2].startswith("| grpo.pass1_after ≥ pass1_before + 0.15 |") and "seed 2: 0.400 (1/2 met)" in rows[2]
+    assert rows[3].startswith("| final.identity ≥ 0.95 and ≥ lora.identity − 0.05 |") and "seed 1: 0.300" in rows[3]
