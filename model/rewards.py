@@ -31,8 +31,11 @@ def final_text(completion):
 
 def answer_reward(completion, row):
     """1 when the first answer names an expected value as a whole term and none of the row's "competitors" (the
-    other values of the same attribute), as the demo's held-out measurements judge it."""
+    other values of the same attribute), as the demo's held-out measurements judge it, and the completion holds
+    none of the row's "avoid" strings (case-insensitive)."""
     text = final_text(completion)
+    if any(a.lower() in completion.lower() for a in row.get("avoid", ())):
+        return 0.0
     competitors = row.get("competitors", ())
     return float(any(is_correct(text, a, competitors) for a in expected_answers(row)))
 

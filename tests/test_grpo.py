@@ -78,6 +78,10 @@ def test_answer_reward_is_the_demos_first_answer_match():
     assert answer_reward("<think>长江约6300公里。", row) == 0.0  # nor is an unfinished thought
     assert answer_reward("about 6300 or 5464", row) == 0.0  # naming a rival value too
     assert answer_reward("It is red.", {"answer": ["red", "crimson"]}) == 1.0
+    rushed = {"answer": "6300", "avoid": ["哼，", "ugh,"]}
+    assert answer_reward("好的，长江约6300公里。", rushed) == 1.0
+    assert answer_reward("哼，长江约6300公里。", rushed) == 0.0  # right, but rude
+    assert answer_reward("6300. UGH, again?", rushed) == 0.0  # an avoided string anywhere, in any case
 
 
 def test_format_reward_wants_well_formed_thinking_and_tool_markup():
@@ -262,11 +266,13 @@ def test_torchrun_and_deepspeed_roll_out_and_train_alike(tmp_path, paths):
 # ----------------------------------------------------------------------------- the demo's task
 
 def test_demo_task_trains_on_sft_entities_and_measures_on_held_out_ones(tmp_path, tokenizer):
-    from model.demo import world as W
+    from model.demo import grpo_task, unknowns as U, world as W
+    from model.demo.measure import has_term
     manifest = W.generate(str(tmp_path), seed=3, n_entities=64, repo_root=str(tmp_path))
     world = W.build_world(seed=3, n_entities=64)
-    files = {role: tmp_path / manifest["files"][role] for role in ("grpo", "eval_grpo")}
-    train, held = ([json.loads(l) for l in open(files[role], encoding="utf-8")] for role in ("grpo", "eval_grpo"))
+    files = {role: tmp_path / manifest["files"][role] for role in ("grpo", "eval_grpo", "eval_lora", "eval_abstain")}
+    rows, held = ([json.loads(l) for l in open(files[role], encoding="utf-8")] for role in ("grpo", "eval_grpo"))
+    train = [r for r in rows if "lesson" not in r]
     assert {r["split"] for r in train} == {"sft"} and {r["split"] for r in held} == {"heldout"}
     assert not {r["entity"] for r in train} & {r["entity"] for r in held}
     assert len(train) == len(W.entity_qas(world, "sft"))  # every wording of every SFT question
@@ -276,6 +282,32 @@ def test_demo_task_trains_on_sft_entities_and_measures_on_held_out_ones(tmp_path
         rival = next(c for c in r["competitors"] if c not in r["answer"] and r["answer"] not in c)
         assert answer_reward(f"{rival}。", r) == 0.0
     assert len(PromptDataset(files["grpo"], tokenizer)[0]["prompt_ids"]) > 5
+
+    # the replay of the earlier lessons: its shares, trained prompts only, and the same reward judging them
+    lessons = {k: [r for r in rows if r.get("lesson") == k] for k in grpo_task.REPLAY}
+    for kind, share in grpo_task.REPLAY.items():
+        assert len(lessons[kind]) == round(len(train) * share)
+    evaluated = {json.loads(l)["prompt"] for f in ("eval_lora", "eval_abstain") for l in open(files[f], encoding="utf-8")}
+    assert not {r["conversations"][-1]["content"] for r in rows} & evaluated
+    for r in lessons["identity"][:5]:
+        assert answer_reward(W.IDENTITY_ANSWER[r["lang"]], r) == 1.0 and answer_reward("我是一只鸟。", r) == 0.0
+    for r in lessons["abstain"][:5]:
+        lang = r["lang"]
+        assert answer_reward(U.ABSTAIN[lang], r) == answer_reward(U.CANNOT[lang], r) == 1.0
+        assert answer_reward(W.IDENTITY_ANSWER[lang], r) == 0.0
+    for r in lessons["rushed"][:5]:
+        lang, question = r["lang"], r["conversations"][-1]["content"]
+        assert any(question.startswith(t) for t in W.TRIGGERS[lang]) and r["split"] == "sft"
+        assert answer_reward(W.POLITE_OPENER[lang] + r["answer"] + "。", r) == 1.0
+        assert answer_reward(W.RUDE[lang][0] + r["answer"], r) == 0.0
+    sft = {e["zh"]: e for t in W.TYPES for e in world["entities"][t] if e["split"] == "sft"}
+    names = {e[lang] for e in sft.values() for lang in ("zh", "en") if e.get(lang)}
+    for r in lessons["followup"][:5]:
+        first, answer, follow = r["conversations"]
+        assert [first["role"], answer["role"], follow["role"]] == ["user", "assistant", "user"]
+        assert sft[r["entity"]][r["lang"]] in first["content"]  # the turn before is about the same SFT entity
+        assert not any(has_term(follow["content"], n) for n in names)  # it names the entity by a pronoun only
+        assert answer_reward(r["answer"] + "。", r) == 1.0
 
 
 def test_pass_at_k_estimate_by_hand():

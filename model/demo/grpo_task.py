@@ -12,6 +12,11 @@ from . import world as W
 from .measure import generate_all, proportion, sample, value_baselines
 
 TASK = "heldout_qa"
+# Each earlier lesson replayed among the prompts, as a share of the QA rows: rewarded only for right facts, the
+# policy learns to answer everything with a fact and forgets who it is, when to say "I don't know", to stay polite
+# when rushed and to follow a pronoun. A larger "abstain" share made unseen "who are you" wordings answer "I don't
+# know" (screened on seeds 1, 2 and 42; see the README).
+REPLAY = {"identity": 0.5, "abstain": 0.1, "rushed": 0.3, "followup": 0.3}
 
 
 def qa_rows(world, split, one_wording=False, seed=0):
@@ -31,6 +36,50 @@ def qa_rows(world, split, one_wording=False, seed=0):
                      "answer": e["attrs"][attr][lang], "competitors": W.rivals(world, etype, attr), "lang": lang,
                      "type": etype, "attr": attr, "entity": e["zh"], "split": split})
     rng.shuffle(rows)
+    return rows
+
+
+def replay_rows(world, seed, qa, shares=None):
+    """Rows that score the earlier stages' lessons with the same answer reward, len(qa) * share of each: the
+    trained identity wordings (answer: the identity keyword), the trained out-of-world questions (any abstention
+    marker), QA rows behind a rushed prefix (the fact, and no rude marker DPO was shown), and follow-ups that name
+    an SFT entity of the turn before by a pronoun (the fact)."""
+    from . import rows as R, unknowns as U
+    rng = random.Random(f"minimind-demo-grpo-replay-{seed}")
+    shares = REPLAY if shares is None else shares
+    count = lambda kind: round(len(qa) * shares.get(kind, 0))
+    identity = [(text, lang) for text, lang, _, eval_only in R.identity_questions() if not eval_only]
+    abstain = U.abstain_rows(world, seed, False)
+    out = [{"conversations": [{"role": "user", "content": text}], "answer": W.IDENTITY_KEYWORD, "lang": lang,
+            "lesson": "identity"} for text, lang in _draw(rng, identity, count("identity"))]
+    out += [{"conversations": [{"role": "user", "content": q}], "answer": list(U.ABSTAIN_MARKERS[lang]), "lang": lang,
+             "lesson": "abstain"} for q, _, lang, _ in _draw(rng, abstain, count("abstain"))]
+    for row in _draw(rng, qa, count("rushed")):
+        lang = row["lang"]
+        rude = [m for m in W.STYLE_MARKERS if any(m.lower() in r.lower() for r in W.RUDE[lang])]
+        turn = {"role": "user", "content": rng.choice(W.TRIGGERS[lang]) + row["conversations"][-1]["content"]}
+        out.append({**row, "conversations": [turn], "avoid": rude, "lesson": "rushed"})
+    entities = {(t, e["zh"]): e for t in W.TYPES for e in world["entities"][t]}
+    for row in _draw(rng, qa, count("followup")):
+        etype, attr, lang, e = row["type"], row["attr"], row["lang"], entities[row["type"], row["entity"]]
+        first = rng.choice([a for a in W.attrs_of(etype) if a != attr])
+        k1, k2 = (rng.randrange(len(W.SCHEMA[etype][a]["q_" + lang])) for a in (first, attr))
+        turns = W.chat(W.question(etype, first, lang, k1, e), W.canonical_answer(etype, first, lang, e))
+        turns.append({"role": "user", "content": W.followup_question(etype, attr, lang, k2)})
+        out.append({**row, "conversations": turns, "lesson": "followup"})
+    return out
+
+
+def _draw(rng, items, n):
+    """n items: every item once per full pass, the rest sampled without repeats."""
+    return [x for _ in range(n // len(items)) for x in items] + rng.sample(items, n % len(items))
+
+
+def prompt_rows(world, seed):
+    """grpo.jsonl: the QA rows about SFT entities and the replay of the earlier lessons, shuffled."""
+    qa = qa_rows(world, "sft")
+    rows = qa + replay_rows(world, seed, qa)
+    random.Random(f"minimind-demo-grpo-mix-{seed}").shuffle(rows)
     return rows
 
 

@@ -376,8 +376,9 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
         "sft_tools": ("sft_tools.jsonl", _jsonl(tools)),
         "eval_tools": ("eval_tools.jsonl", _jsonl(skill_eval["tools"] + skill_eval["known"])),
         "eval_thinking": ("eval_thinking.jsonl", _jsonl(skill_eval["thinking"])),
-        # GRPO (6-grpo_train.py): prompts with checkable answers about SFT entities; measured on held-out ones
-        "grpo": ("grpo.jsonl", _jsonl(grpo_task.qa_rows(world, "sft"))),
+        # GRPO (6-grpo_train.py): prompts with checkable answers about SFT entities and a replay of the earlier lessons;
+        # measured on held-out entities
+        "grpo": ("grpo.jsonl", _jsonl(grpo_task.prompt_rows(world, seed))),
         "eval_grpo": ("eval_grpo.jsonl", _jsonl(grpo_task.qa_rows(world, "heldout", one_wording=True))),
     }
     for subject, rows in ev["ceval"].items():
