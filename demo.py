@@ -50,7 +50,7 @@ def parse_args(argv=None):
                         "it learns neither and costs the earlier lessons; see the README)")
     p.add_argument("--tools_lr", type=float, default=3e-5, help="the tool and thinking stage's learning rate")
     p.add_argument("--grpo_lr", type=float, default=3e-4,
-                   help="2e-5 barely moved the policy (KL 0.004); 1e-4 for 120 steps of 8 prompts gained half as much "
+                   help="2e-5 barely moved the policy (KL 0.004); 1e-4 for 120 steps of 8 prompts gained less "
                         "pass@1; without the replay of the earlier lessons in grpo.jsonl, 3e-4 erases the identity "
                         "and the abstentions (see the README)")
     p.add_argument("--grpo_steps", type=int, default=240, help="GRPO steps of --grpo_batch prompts x 8 sampled answers")
