@@ -17,7 +17,8 @@ def demo(args):
     try:
         m = generate(args.out, seed=args.seed, n_entities=args.n_entities, heldout_frac=args.heldout_frac,
                      en_frac=args.en_frac, mcq_drills=args.mcq_drills, rounds=args.rounds,
-                     followup_pages=args.followup_pages, repo_root=ROOT)
+                     followup_pages=args.followup_pages, grpo_replay=args.grpo_replay,
+                     repo_root=ROOT)
     except ValueError as e:
         raise DataError(f"data_process.py demo: {e}") from None
     for name, size in m["sizes"].items():
@@ -65,6 +66,8 @@ def main(argv=None):
     d.add_argument("--followup_pages", type=float, default=0.0,
                    help="per round, the share of SFT entities that also get a pretraining page of questions in a row, "
                         "all but the first naming the entity by a pronoun")
+    d.add_argument("--grpo_replay", action="store_true",
+                   help="mix a replay of the earlier lessons into grpo.jsonl (model/demo/grpo_task.py REPLAY; see the README)")
 
     def io_args(q, kind):
         q.add_argument("--input", required=True, help="raw file: JSONL, or a JSON array" if kind != "pretrain" else "raw JSONL")

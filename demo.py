@@ -49,12 +49,15 @@ def parse_args(argv=None):
                    help="add the tool-call and thinking stage between DPO and GRPO (off by default: at this model size "
                         "it learns neither and costs the earlier lessons; see the README)")
     p.add_argument("--tools_lr", type=float, default=3e-5, help="the tool and thinking stage's learning rate")
-    p.add_argument("--grpo_lr", type=float, default=3e-4,
-                   help="2e-5 barely moved the policy (KL 0.004); 1e-4 for 120 steps of 8 prompts gained less "
-                        "pass@1; without the replay of the earlier lessons in grpo.jsonl, 3e-4 erases the identity "
-                        "and the abstentions (see the README)")
-    p.add_argument("--grpo_steps", type=int, default=240, help="GRPO steps of --grpo_batch prompts x 8 sampled answers")
-    p.add_argument("--grpo_batch", type=int, default=16, help="prompts per GRPO step (see the README)")
+    p.add_argument("--grpo_lr", type=float, default=1e-4,
+                   help="2e-5 barely moved the policy (KL 0.004); 2e-4 cost greedy answers on seed 2; 3e-4 for 240 "
+                        "steps gains more pass@1 but erases the identity and the abstentions (see the README)")
+    p.add_argument("--grpo_steps", type=int, default=120, help="GRPO steps of --grpo_batch prompts x 8 sampled answers")
+    p.add_argument("--grpo_batch", type=int, default=8, help="prompts per GRPO step")
+    p.add_argument("--grpo_replay", action="store_true",
+                   help="replay the earlier lessons in the GRPO prompts (with --grpo_lr 3e-4 --grpo_steps 240 "
+                        "--grpo_batch 16: more pass@1, lessons kept by their measures, but the text after the first "
+                        "answer decays; see the README)")
     p.add_argument("--dtype", default="auto", help="autocast precision of every training stage (see 1-pretrain.py)")
     p.add_argument("--eval_limit", type=int, default=300, help="held-out rows sampled per measurement")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's epochs (a quick run: 0.3)")
@@ -113,8 +116,8 @@ class Pipeline:
 
 
 # the rough share of a default run's time each stage takes (measured on a 2-core CPU), for the time-left estimate
-WORK_SHARE = {"data": 0.02, "tokenizer": 0.02, "pretrain": 0.33, "sft": 0.1, "sft_multi": 0.08, "lora": 0.05,
-              "dpo": 0.04, "tools": 0.08, "grpo": 0.27, "ceval": 0.01, "ceval_cloze": 0.01, "export": 0.01}
+WORK_SHARE = {"data": 0.02, "tokenizer": 0.02, "pretrain": 0.4, "sft": 0.12, "sft_multi": 0.1, "lora": 0.06,
+              "dpo": 0.05, "tools": 0.1, "grpo": 0.09, "ceval": 0.01, "ceval_cloze": 0.01, "export": 0.01}
 
 
 def clock(seconds):
@@ -200,7 +203,7 @@ def main():
     out, data = pipe.out, Path(args.data)
     pipe.stage("data", ["data_process.py", "demo", "--out", data, "--seed", args.seed, "--n_entities", args.n_entities,
                         "--rounds", max(1, round(args.rounds * args.scale)), "--mcq_drills", args.mcq_drills,
-                        "--followup_pages", args.followup_pages])
+                        "--followup_pages", args.followup_pages, *(["--grpo_replay"] if args.grpo_replay else [])])
     manifest = json.loads((data / "manifest.json").read_text())
     files = {role: data / Path(path).name for role, path in manifest["files"].items()}
 

@@ -271,8 +271,8 @@ def test_demo_task_trains_on_sft_entities_and_measures_on_held_out_ones(tmp_path
     manifest = W.generate(str(tmp_path), seed=3, n_entities=64, repo_root=str(tmp_path))
     world = W.build_world(seed=3, n_entities=64)
     files = {role: tmp_path / manifest["files"][role] for role in ("grpo", "eval_grpo", "eval_lora", "eval_abstain")}
-    rows, held = ([json.loads(l) for l in open(files[role], encoding="utf-8")] for role in ("grpo", "eval_grpo"))
-    train = [r for r in rows if "lesson" not in r]
+    train, held = ([json.loads(l) for l in open(files[role], encoding="utf-8")] for role in ("grpo", "eval_grpo"))
+    assert not any("lesson" in r for r in train)  # the replay is opt-in (--grpo_replay)
     assert {r["split"] for r in train} == {"sft"} and {r["split"] for r in held} == {"heldout"}
     assert not {r["entity"] for r in train} & {r["entity"] for r in held}
     assert len(train) == len(W.entity_qas(world, "sft"))  # every wording of every SFT question
@@ -284,6 +284,9 @@ def test_demo_task_trains_on_sft_entities_and_measures_on_held_out_ones(tmp_path
     assert len(PromptDataset(files["grpo"], tokenizer)[0]["prompt_ids"]) > 5
 
     # the replay of the earlier lessons: its shares, trained prompts only, and the same reward judging them
+    rows = grpo_task.prompt_rows(world, 3, replay=True)
+    assert [r for r in rows if "lesson" not in r] != train and sorted(map(str, train)) == sorted(
+        str(r) for r in rows if "lesson" not in r)  # the same QA rows, shuffled among the replay
     lessons = {k: [r for r in rows if r.get("lesson") == k] for k in grpo_task.REPLAY}
     for kind, share in grpo_task.REPLAY.items():
         assert len(lessons[kind]) == round(len(train) * share)

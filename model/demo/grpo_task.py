@@ -12,10 +12,11 @@ from . import world as W
 from .measure import generate_all, proportion, sample, value_baselines
 
 TASK = "heldout_qa"
-# Each earlier lesson replayed among the prompts, as a share of the QA rows: rewarded only for right facts, the
-# policy learns to answer everything with a fact and forgets who it is, when to say "I don't know", to stay polite
-# when rushed and to follow a pronoun. A larger "abstain" share made unseen "who are you" wordings answer "I don't
-# know" (screened on seeds 1, 2 and 42; see the README).
+# With --grpo_replay, each earlier lesson replayed among the prompts, as a share of the QA rows: rewarded only for
+# right facts, a strong setting (3e-4, 240 steps) makes the policy answer everything with a fact and forget who it
+# is, when to say "I don't know", to stay polite when rushed and to follow a pronoun. A larger "abstain" share made
+# unseen "who are you" wordings answer "I don't know". Off by default: the reward reads only the first answer, and
+# what follows it decays (see the README).
 REPLAY = {"identity": 0.5, "abstain": 0.1, "rushed": 0.3, "followup": 0.3}
 
 
@@ -75,9 +76,11 @@ def _draw(rng, items, n):
     return [x for _ in range(n // len(items)) for x in items] + rng.sample(items, n % len(items))
 
 
-def prompt_rows(world, seed):
-    """grpo.jsonl: the QA rows about SFT entities and the replay of the earlier lessons, shuffled."""
+def prompt_rows(world, seed, replay=False):
+    """grpo.jsonl: the QA rows about SFT entities, with replay also the earlier lessons' rows, shuffled."""
     qa = qa_rows(world, "sft")
+    if not replay:
+        return qa
     rows = qa + replay_rows(world, seed, qa)
     random.Random(f"minimind-demo-grpo-mix-{seed}").shuffle(rows)
     return rows

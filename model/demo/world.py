@@ -329,7 +329,7 @@ def check_names_are_private():
 
 
 def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25, en_frac=0.25, mcq_drills=4,
-             rounds=1, mcq_pages=False, followup_pages=0.0, repo_root="."):
+             rounds=1, mcq_pages=False, followup_pages=0.0, grpo_replay=False, repo_root="."):
     """Write the demo world into out_dir; returns the manifest (also written as manifest.json)."""
     from . import rows as R, unknowns as U
     world = build_world(seed, n_entities, heldout_frac, en_frac)
@@ -376,9 +376,9 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
         "sft_tools": ("sft_tools.jsonl", _jsonl(tools)),
         "eval_tools": ("eval_tools.jsonl", _jsonl(skill_eval["tools"] + skill_eval["known"])),
         "eval_thinking": ("eval_thinking.jsonl", _jsonl(skill_eval["thinking"])),
-        # GRPO (6-grpo_train.py): prompts with checkable answers about SFT entities and a replay of the earlier lessons;
-        # measured on held-out entities
-        "grpo": ("grpo.jsonl", _jsonl(grpo_task.prompt_rows(world, seed))),
+        # GRPO (6-grpo_train.py): prompts with checkable answers about SFT entities (with grpo_replay, and a replay of
+        # the earlier lessons); measured on held-out entities
+        "grpo": ("grpo.jsonl", _jsonl(grpo_task.prompt_rows(world, seed, grpo_replay))),
         "eval_grpo": ("eval_grpo.jsonl", _jsonl(grpo_task.qa_rows(world, "heldout", one_wording=True))),
     }
     for subject, rows in ev["ceval"].items():
@@ -406,7 +406,7 @@ def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25,
         "seed": seed,
         "params": {"n_entities": n_entities, "heldout_frac": heldout_frac, "en_frac": en_frac,
                    "mcq_drills": mcq_drills, "rounds": rounds, "mcq_pages": mcq_pages,
-                   "followup_pages": followup_pages},
+                   "followup_pages": followup_pages, "grpo_replay": grpo_replay},
         "files": {role: rel(name) for role, (name, _) in files.items() if not role.startswith("ceval:")},
         "sizes": sizes,
         "english_share_of_pretrain": {"rows": round(len(pre_en) / len(pretrain), 3),
