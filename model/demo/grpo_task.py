@@ -8,7 +8,7 @@ import numpy as np
 
 from ..sampling import SamplingParams
 from ..rewards import answer_reward
-from . import world as W
+from . import rows as R, unknowns as U, world as W
 from .measure import generate_all, proportion, sample, value_baselines
 
 TASK = "heldout_qa"
@@ -40,26 +40,25 @@ def qa_rows(world, split, one_wording=False, seed=0):
     return rows
 
 
-def replay_rows(world, seed, qa, shares=None):
+def replay_rows(world, seed, qa):
     """Rows that score the earlier stages' lessons with the same answer reward, len(qa) * share of each: the
     trained identity wordings (answer: the identity keyword), the trained out-of-world questions (any abstention
     marker), QA rows behind a rushed prefix (the fact, and no rude marker DPO was shown), and follow-ups that name
     an SFT entity of the turn before by a pronoun (the fact)."""
-    from . import rows as R, unknowns as U
     rng = random.Random(f"minimind-demo-grpo-replay-{seed}")
-    shares = REPLAY if shares is None else shares
-    count = lambda kind: round(len(qa) * shares.get(kind, 0))
+    count = lambda kind: round(len(qa) * REPLAY[kind])
     identity = [(text, lang) for text, lang, _, eval_only in R.identity_questions() if not eval_only]
     abstain = U.abstain_rows(world, seed, False)
     out = [{"conversations": [{"role": "user", "content": text}], "answer": W.IDENTITY_KEYWORD, "lang": lang,
             "lesson": "identity"} for text, lang in _draw(rng, identity, count("identity"))]
     out += [{"conversations": [{"role": "user", "content": q}], "answer": list(U.ABSTAIN_MARKERS[lang]), "lang": lang,
              "lesson": "abstain"} for q, _, lang, _ in _draw(rng, abstain, count("abstain"))]
+    rude = {lang: [m for m in W.STYLE_MARKERS if any(m.lower() in r.lower() for r in replies)]
+            for lang, replies in W.RUDE.items()}  # the markers of the rude replies DPO was shown
     for row in _draw(rng, qa, count("rushed")):
         lang = row["lang"]
-        rude = [m for m in W.STYLE_MARKERS if any(m.lower() in r.lower() for r in W.RUDE[lang])]
         turn = {"role": "user", "content": rng.choice(W.TRIGGERS[lang]) + row["conversations"][-1]["content"]}
-        out.append({**row, "conversations": [turn], "avoid": rude, "lesson": "rushed"})
+        out.append({**row, "conversations": [turn], "avoid": rude[lang], "lesson": "rushed"})
     entities = {(t, e["zh"]): e for t in W.TYPES for e in world["entities"][t]}
     for row in _draw(rng, qa, count("followup")):
         etype, attr, lang, e = row["type"], row["attr"], row["lang"], entities[row["type"], row["entity"]]

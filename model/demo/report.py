@@ -261,9 +261,9 @@ def grpo_measures(grpo, models, tok, files, manifest, limit):
     put(grpo, "pass8_after", after["pass8"])
     put(grpo, "greedy_before", before["greedy"])
     put(grpo, "greedy_after", after["greedy"])
+    last = grpo["kl_curve"][-10:]
     grpo.update(task=TASK, pass_baseline=before["baseline"], examples_before=before["examples"],
-                examples_after=after["examples"],
-                kl_final=round(sum(kl for _, kl in grpo["kl_curve"][-10:]) / len(grpo["kl_curve"][-10:]), 5),
+                examples_after=after["examples"], kl_final=round(sum(kl for _, kl in last) / len(last), 5),
                 pass1_after_over_pass8_before=round(after["pass1"]["value"] / max(before["pass8"]["value"], 1e-9), 4))
 
 
