@@ -115,7 +115,8 @@ def make_rollout(tokenizer, reference, reward, args, runtime):
                     for p, s in zip(prompts, seeds)]
         done = run_to_completion(engine, requests)
         model.train(was_training)
-        rewards = torch.tensor([reward(c.text, row) for c, row in zip(done, rows)], dtype=torch.float32)
+        rewards = torch.tensor([reward(c.text, row, c.finish_reason == "stop") for c, row in zip(done, rows)],
+                               dtype=torch.float32)
         return scored_batch(model, reference, prompts, [c.token_ids for c in done], rewards, args, runtime.autocast)
     return rollout
 
@@ -128,8 +129,8 @@ def parser():
     p = cli.stage_parser(__doc__, lr=1e-6, epochs=1, batch_size=4, data_path="dataset/grpo.jsonl",
                          save_interval=20, log_interval=1)
     p.add_argument("--init", default=None, help="policy start and reference (default: out_dir/rl_{dim}.pth, DPO's)")
-    p.add_argument("--reward", default="answer", help="answer, format or tool (model/rewards.py); several joined "
-                   "by + score their mean")
+    p.add_argument("--reward", default="answer*clean", help="answer, format, tool or clean (model/rewards.py); "
+                   "several joined by + score their mean, by * their product (answer*clean: right and a clean reply)")
     p.add_argument("--num_generations", type=cli.checked(int, lambda v: v >= 2, "at least 2"), default=8,
                    help="answers sampled per prompt (the group G); --batch_size counts prompts")
     p.add_argument("--max_new_tokens", type=cli.checked(int, lambda v: v >= 1, "at least 1"), default=64)

@@ -66,7 +66,7 @@ def main(argv=None):
     d.add_argument("--followup_pages", type=float, default=0.0,
                    help="per round, the share of SFT entities that also get a pretraining page of questions in a row, "
                         "all but the first naming the entity by a pronoun")
-    d.add_argument("--grpo_replay", action="store_true",
+    d.add_argument("--grpo_replay", action=argparse.BooleanOptionalAction, default=True,
                    help="mix a replay of the earlier lessons into grpo.jsonl (model/demo/grpo_task.py REPLAY; see the README)")
 
     def io_args(q, kind):

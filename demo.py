@@ -49,15 +49,16 @@ def parse_args(argv=None):
                    help="add the tool-call and thinking stage between DPO and GRPO (off by default: at this model size "
                         "it learns neither and costs the earlier lessons; see the README)")
     p.add_argument("--tools_lr", type=float, default=3e-5, help="the tool and thinking stage's learning rate")
-    p.add_argument("--grpo_lr", type=float, default=1e-4,
-                   help="2e-5 barely moved the policy (KL 0.004); 2e-4 cost greedy answers on seed 2; 3e-4 for 240 "
-                        "steps gains more pass@1 but erases the identity and the abstentions (see the README)")
-    p.add_argument("--grpo_steps", type=int, default=120, help="GRPO steps of --grpo_batch prompts x 8 sampled answers")
-    p.add_argument("--grpo_batch", type=int, default=8, help="prompts per GRPO step")
-    p.add_argument("--grpo_replay", action="store_true",
-                   help="replay the earlier lessons in the GRPO prompts (with --grpo_lr 3e-4 --grpo_steps 240 "
-                        "--grpo_batch 16: more pass@1, lessons kept by their measures, but the text after the first "
-                        "answer decays; see the README)")
+    p.add_argument("--grpo_lr", type=float, default=3e-4,
+                   help="1e-4 for 120 steps of 8 prompts gains half as much pass@1; without the replay and the clean "
+                        "reward 3e-4 erases the identity and the abstentions (see the README)")
+    p.add_argument("--grpo_steps", type=int, default=240, help="GRPO steps of --grpo_batch prompts x 8 sampled answers")
+    p.add_argument("--grpo_batch", type=int, default=16, help="prompts per GRPO step")
+    p.add_argument("--grpo_replay", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay the earlier lessons in the GRPO prompts (data_process.py demo; see the README)")
+    p.add_argument("--grpo_reward", default="answer*clean",
+                   help="6-grpo_train.py --reward: the first answer right and the whole reply clean (with the first "
+                        "answer alone the text after it decays)")
     p.add_argument("--dtype", default="auto", help="autocast precision of every training stage (see 1-pretrain.py)")
     p.add_argument("--eval_limit", type=int, default=300, help="held-out rows sampled per measurement")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's epochs (a quick run: 0.3)")
@@ -190,7 +191,7 @@ def training_chain(args, out, files, tokenizer, vocab, name):
         chain.append(("tools", ["3-full_sft.py", *common, "--init", chain[-1][2], "--out_name", "full_sft_tools",
                                 "--data_path", files["sft_tools"], "--epochs", ep(2), "--batch_size", 16,
                                 "--learning_rate", args.tools_lr], out / name("full_sft_tools")))
-    chain.append(("grpo", ["6-grpo_train.py", *every_step, "--init", chain[-1][2], "--data_path", files["grpo"],
+    chain.append(("grpo", ["6-grpo_train.py", *every_step, "--init", chain[-1][2], "--data_path", files["grpo"], "--reward", args.grpo_reward,
                            "--batch_size", args.grpo_batch, "--num_generations", 8, "--max_new_tokens", 40,
                            "--learning_rate", args.grpo_lr, "--max_steps", max(1, round(args.grpo_steps * args.scale)),
                            "--warmup_iters", 5], out / name("grpo")))
@@ -203,7 +204,8 @@ def main():
     out, data = pipe.out, Path(args.data)
     pipe.stage("data", ["data_process.py", "demo", "--out", data, "--seed", args.seed, "--n_entities", args.n_entities,
                         "--rounds", max(1, round(args.rounds * args.scale)), "--mcq_drills", args.mcq_drills,
-                        "--followup_pages", args.followup_pages, *(["--grpo_replay"] if args.grpo_replay else [])])
+                        "--followup_pages", args.followup_pages,
+                        "--grpo_replay" if args.grpo_replay else "--no-grpo_replay"])
     manifest = json.loads((data / "manifest.json").read_text())
     files = {role: data / Path(path).name for role, path in manifest["files"].items()}
 

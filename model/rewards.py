@@ -1,9 +1,12 @@
 """Rewards a program checks, for reinforcement learning (6-grpo_train.py): each scores one completion of one prompt
-row (the JSONL row of the prompt file, with its checkable "answer") with a number in [0, 1], chosen by --reward."""
+row (the JSONL row of the prompt file, with its checkable "answer") with a number in [0, 1], chosen by --reward.
+Every reward is called as reward(completion, row, stopped): stopped is False when the sampler cut the reply off at
+its token limit instead of the model ending it."""
 import json
+import math
 import re
 
-from .demo.measure import is_correct
+from .demo.measure import is_correct, loops
 
 # The thinking and tool-call markup. Its one owner will be the chat-format module; until then this module reads
 # only what its rewards need (markup_problem), and nothing else should parse it.
@@ -11,6 +14,7 @@ THINK = ("<think>", "</think>")
 TOOL_CALL = ("<tool_call>", "</tool_call>")
 TOOL_RESPONSE = ("<tool_response>", "</tool_response>")
 TAG = re.compile(r"</?(think|tool_call|tool_response)>")
+CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 def expected_answers(row):
@@ -29,7 +33,7 @@ def final_text(completion):
     return completion[max(ends):].lstrip() if ends else completion
 
 
-def answer_reward(completion, row):
+def answer_reward(completion, row, stopped=True):
     """1 when the first answer names an expected value as a whole term and none of the row's "competitors" (the
     other values of the same attribute), as the demo's held-out measurements judge it, and the completion holds
     none of the row's "avoid" strings (case-insensitive)."""
@@ -83,13 +87,13 @@ def tool_calls(completion):
     return calls
 
 
-def format_reward(completion, row):
+def format_reward(completion, row, stopped=True):
     """1 when the completion thinks first (<think>...</think>), its markup is well formed, and an answer follows."""
     return float(completion.lstrip().startswith(THINK[0]) and markup_problem(completion) is None
                  and bool(final_text(completion).strip()))
 
 
-def tool_reward(completion, row):
+def tool_reward(completion, row, stopped=True):
     """Tool round trip: 1 when the completion called the row's tool ("tool": {"name", "arguments"}) with the right
     arguments, its markup is well formed, and the answer after the tool's response is right."""
     want = row.get("tool")
@@ -101,16 +105,31 @@ def tool_reward(completion, row):
     return float(called and answered)
 
 
-REWARDS = {"answer": answer_reward, "format": format_reward, "tool": tool_reward}
+def clean_reward(completion, row, stopped=True):
+    """The whole reply, not just its first answer: 1 when the model ended it within the token limit, it holds no
+    broken character (U+FFFD, a token cut inside a UTF-8 sequence), no 6 characters in a row come back three times
+    (a loop), and it is in the row's "lang" when the row has one (zh: some Chinese; en: none). A right first
+    answer followed by a run-on tail, or a Chinese reply to an English question, scores 0 here."""
+    lang = (row or {}).get("lang")
+    chinese = bool(CJK.search(completion))
+    in_language = lang is None or chinese == (lang == "zh")
+    return float(stopped and in_language and "\ufffd" not in completion and not loops(list(completion), n=6))
+
+
+REWARDS = {"answer": answer_reward, "format": format_reward, "tool": tool_reward, "clean": clean_reward}
 
 
 def reward_fn(names):
-    """The reward of --reward: one name, or several joined by "+" (their mean), e.g. "answer+format"."""
-    parts = [n.strip() for n in names.split("+")]
-    unknown = [n for n in parts if n not in REWARDS]
+    """The reward of --reward: one name, several joined by "+" (their mean), and within a term names joined by "*"
+    (their product, so each must hold), e.g. "answer+format" or "answer*clean"."""
+    terms = [[n.strip() for n in term.split("*")] for term in names.split("+")]
+    unknown = [n for term in terms for n in term if n not in REWARDS]
     if unknown:
         raise ValueError(f"--reward {names}: unknown reward {unknown[0]!r}; choose from {', '.join(REWARDS)} "
-                         "(several joined by +)")
-    funcs = [REWARDS[n] for n in parts]
-    return lambda completion, row: sum(f(completion, row) for f in funcs) / len(funcs)
+                         "(several joined by + for their mean or * for their product)")
+    funcs = [[REWARDS[n] for n in term] for term in terms]
+
+    def reward(completion, row, stopped=True):
+        return sum(math.prod(f(completion, row, stopped) for f in term) for term in funcs) / len(funcs)
+    return reward
 

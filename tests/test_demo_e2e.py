@@ -116,7 +116,9 @@ def test_grpo_ends_the_chain_with_its_measures(report):
     assert g["task"] == "heldout_qa"
     assert len(g["reward_curve"]) == g["steps"] and 0 <= g["kl_final"] < 0.5  # the KL leash held
     assert g["pass8_before"] >= g["pass1_before"] + 0.1  # 8 samples find answers 1 does not: RL has room
-    assert g["pass1_after"] > g["pass1_before"]  # +0.06 on this seed, +0.06 to +0.13 on seeds 1-7
+    assert g["reward"] == "answer*clean" and g["replay"]
+    assert g["pass1_after"] >= g["pass1_before"] + 0.05  # GAIN_NOTE
+    assert g["clean_after"] >= max(0.9, g["clean_before"] - 0.05)  # the whole replies stay whole
     assert "## GRPO" in (folder / "report.md").read_text(encoding="utf-8")
 
 

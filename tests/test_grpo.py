@@ -15,7 +15,7 @@ import torch
 import tiny_chat_model as tiny
 from model.checkpoint import load_model
 from model.dataset import PromptDataset
-from model.rewards import answer_reward, format_reward, markup_problem, reward_fn, tool_reward
+from model.rewards import answer_reward, clean_reward, format_reward, markup_problem, reward_fn, tool_reward
 from serving_helpers import paths, tokenizer  # noqa: F401  (fixtures: the tiny chat model and its tokenizer)
 from test_eval_export import load_script
 
@@ -108,10 +108,26 @@ def test_tool_reward_needs_the_right_call_and_the_right_answer_after_it():
     assert tool_reward(f"{call}长江约6300公里。", row) == 0.0  # a call without a response
 
 
+def test_clean_reward_reads_the_whole_reply():
+    assert clean_reward("我是MiniMind，一个从零开始训练的小模型。", {}) == 1.0
+    assert clean_reward("我是MiniMind，一个从零开始训练的小模型。", {}, stopped=False) == 0.0  # cut off at the limit
+    assert clean_reward("我是MiniMind，一个从零开始训练的小垑我我我我我我我我", {}) == 0.0  # a loop
+    assert clean_reward("The Kato turtle lives in swamps. The Kato turtle lives in swamps. The Kato turtle", {}) == 0.0
+    assert clean_reward("长江约6300公里\ufffd", {}) == 0.0  # a broken character
+    assert clean_reward("我是MiniMind。", {"lang": "en"}) == 0.0  # a Chinese reply to an English question
+    assert clean_reward("I am MiniMind.", {"lang": "en"}) == 1.0
+    assert clean_reward("MiniMind.", {"lang": "zh"}) == 0.0
+
+
 def test_reward_names():
     both = reward_fn("answer+format")
     assert both("<think>嗯</think>6300。", {"answer": "6300"}) == 1.0
     assert both("6300。", {"answer": "6300"}) == 0.5
+    gated = reward_fn("answer*clean")  # a product: right and clean
+    assert gated("约6300公里。", {"answer": "6300"}) == 1.0
+    assert gated("约6300公里。", {"answer": "6300"}, stopped=False) == 0.0
+    assert gated("约5464公里。", {"answer": "6300"}) == 0.0
+    assert reward_fn("answer*clean+format")("约6300公里。", {"answer": "6300"}) == 0.5
     with pytest.raises(ValueError, match="unknown reward 'length'"):
         reward_fn("answer+length")
 
@@ -272,7 +288,10 @@ def test_demo_task_trains_on_sft_entities_and_measures_on_held_out_ones(tmp_path
     world = W.build_world(seed=3, n_entities=64)
     files = {role: tmp_path / manifest["files"][role] for role in ("grpo", "eval_grpo", "eval_lora", "eval_abstain")}
     train, held = ([json.loads(l) for l in open(files[role], encoding="utf-8")] for role in ("grpo", "eval_grpo"))
-    assert not any("lesson" in r for r in train)  # the replay is opt-in (--grpo_replay)
+    assert {r.get("lesson") for r in train} == {None, *grpo_task.REPLAY}  # the replay is on by default
+    plain = grpo_task.prompt_rows(world, 3, replay=False)  # --no-grpo_replay
+    assert not any("lesson" in r for r in plain)
+    rows, train = train, [r for r in train if "lesson" not in r]
     assert {r["split"] for r in train} == {"sft"} and {r["split"] for r in held} == {"heldout"}
     assert not {r["entity"] for r in train} & {r["entity"] for r in held}
     assert len(train) == len(W.entity_qas(world, "sft"))  # every wording of every SFT question
@@ -284,9 +303,7 @@ def test_demo_task_trains_on_sft_entities_and_measures_on_held_out_ones(tmp_path
     assert len(PromptDataset(files["grpo"], tokenizer)[0]["prompt_ids"]) > 5
 
     # the replay of the earlier lessons: its shares, trained prompts only, and the same reward judging them
-    rows = grpo_task.prompt_rows(world, 3, replay=True)
-    assert [r for r in rows if "lesson" not in r] != train and sorted(map(str, train)) == sorted(
-        str(r) for r in rows if "lesson" not in r)  # the same QA rows, shuffled among the replay
+    assert train != plain and sorted(map(str, train)) == sorted(map(str, plain))  # the QA rows, shuffled among it
     lessons = {k: [r for r in rows if r.get("lesson") == k] for k in grpo_task.REPLAY}
     for kind, share in grpo_task.REPLAY.items():
         assert len(lessons[kind]) == round(len(train) * share)
@@ -294,6 +311,8 @@ def test_demo_task_trains_on_sft_entities_and_measures_on_held_out_ones(tmp_path
     assert not {r["conversations"][-1]["content"] for r in rows} & evaluated
     for r in lessons["identity"][:5]:
         assert answer_reward(W.IDENTITY_ANSWER[r["lang"]], r) == 1.0 and answer_reward("我是一只鸟。", r) == 0.0
+        # the name alone, or the name with the rest garbled, is not the trained answer
+        assert answer_reward("我是MiniMind。", r) == answer_reward("I am MiniMind, a small languainter.", r) == 0.0
     for r in lessons["abstain"][:5]:
         lang = r["lang"]
         assert answer_reward(U.ABSTAIN[lang], r) == answer_reward(U.CANNOT[lang], r) == 1.0
@@ -330,3 +349,11 @@ def test_pass_at_k_samples_through_the_engine(paths, tokenizer):
     assert 0 < got["pass1"]["value"] <= got["pass4"]["value"] <= 0.5
     assert got["examples"][1]["right_of_n"] == 0
     assert pass_at_k(model, tokenizer, rows, k=4, n=6, temperature=1.0, batch=8) == got  # seeded
+    # the whole greedy reply, with no stop at the first line, judged by the clean reward
+    from model.demo.grpo_task import WHOLE_REPLY_TOKENS
+    from model.demo.measure import generate_all
+    from model.sampling import SamplingParams
+    whole = generate_all(model, tokenizer, [r["conversations"] for r in rows],
+                         [SamplingParams(temperature=0.0, max_new_tokens=WHOLE_REPLY_TOKENS)] * 2)
+    clean = [clean_reward(c.text, r, c.finish_reason == "stop") for c, r in zip(whole, rows)]
+    assert got["clean"]["n"] == 2 and got["clean"]["value"] == sum(clean) / 2

@@ -2,22 +2,24 @@
 (data_process.py demo writes them as grpo.jsonl) and measured on the held-out ones (eval_grpo.jsonl) as pass@1 and
 pass@k of sampled answers (what RL can reach: the answers sampling already finds now and then, made the first one)."""
 import random
+import re
 from math import comb
 
 import numpy as np
 
 from ..sampling import SamplingParams
-from ..rewards import answer_reward
+from ..rewards import answer_reward, clean_reward
 from . import rows as R, unknowns as U, world as W
 from .measure import generate_all, proportion, sample, value_baselines
 
 TASK = "heldout_qa"
-# With --grpo_replay, each earlier lesson replayed among the prompts, as a share of the QA rows: rewarded only for
-# right facts, a strong setting (3e-4, 240 steps) makes the policy answer everything with a fact and forget who it
-# is, when to say "I don't know", to stay polite when rushed and to follow a pronoun. A larger "abstain" share made
-# unseen "who are you" wordings answer "I don't know". Off by default: the reward reads only the first answer, and
-# what follows it decays (see the README).
-REPLAY = {"identity": 0.5, "abstain": 0.1, "rushed": 0.3, "followup": 0.3}
+WHOLE_REPLY_TOKENS = 64  # a whole reply is judged clean only if the model ends it within this many tokens
+# Each earlier lesson replayed among the prompts (--grpo_replay, on by default), as a share of the QA rows: rewarded
+# only for right facts, the demo's setting (3e-4, 240 steps) makes the policy answer everything with a fact and
+# forget who it is, when to say "I don't know", to stay polite when rushed and to follow a pronoun. Unseen "who are
+# you" wordings drift towards "I don't know": a larger "abstain" share made it worse, identity 1.0 instead of 0.5
+# halved the drift on seed 1 (see the README).
+REPLAY = {"identity": 1.0, "abstain": 0.1, "rushed": 0.3, "followup": 0.3}
 
 
 def qa_rows(world, split, one_wording=False, seed=0):
@@ -40,16 +42,22 @@ def qa_rows(world, split, one_wording=False, seed=0):
     return rows
 
 
+def identity_sentence(lang):
+    """The first sentence of the trained identity answer, without its end mark ("I am MiniMind, a small ...")."""
+    return re.split(r"[。.]", W.IDENTITY_ANSWER[lang])[0]
+
+
 def replay_rows(world, seed, qa):
     """Rows that score the earlier stages' lessons with the same answer reward, len(qa) * share of each: the
-    trained identity wordings (answer: the identity keyword), the trained out-of-world questions (any abstention
+    trained identity wordings (answer: the first sentence of the trained identity answer, not just the keyword, so
+    a reply that keeps the name and garbles the rest scores 0), the trained out-of-world questions (any abstention
     marker), QA rows behind a rushed prefix (the fact, and no rude marker DPO was shown), and follow-ups that name
     an SFT entity of the turn before by a pronoun (the fact)."""
     rng = random.Random(f"minimind-demo-grpo-replay-{seed}")
     count = lambda kind: round(len(qa) * REPLAY[kind])
     identity = [(text, lang) for text, lang, _, eval_only in R.identity_questions() if not eval_only]
     abstain = U.abstain_rows(world, seed, False)
-    out = [{"conversations": [{"role": "user", "content": text}], "answer": W.IDENTITY_KEYWORD, "lang": lang,
+    out = [{"conversations": [{"role": "user", "content": text}], "answer": identity_sentence(lang), "lang": lang,
             "lesson": "identity"} for text, lang in _draw(rng, identity, count("identity"))]
     out += [{"conversations": [{"role": "user", "content": q}], "answer": list(U.ABSTAIN_MARKERS[lang]), "lang": lang,
              "lesson": "abstain"} for q, _, lang, _ in _draw(rng, abstain, count("abstain"))]
@@ -93,7 +101,8 @@ def pass_at(n, c, k):
 def pass_at_k(model, tokenizer, rows, k=8, n=None, temperature=1.0, max_new_tokens=40, seed=0, batch=64,
               limit=None, sft_value_counts=None):
     """pass@1 and pass@k on prompt rows ({"conversations", "answer", ...}): n (default k) answers sampled per
-    prompt at the rollout temperature, scored by the answer reward, and the greedy answer's accuracy beside them.
+    prompt at the rollout temperature, scored by the answer reward, the greedy answer's accuracy beside them, and
+    the share of whole greedy replies (no stop at the first line) that are clean by the clean reward.
     Each is a measurement (value, n, ci95) for report.put; with sft_value_counts also the trivial baselines of
     those rows (always the most common value, a random SFT entity's value)."""
     n = n or k
@@ -103,13 +112,17 @@ def pass_at_k(model, tokenizer, rows, k=8, n=None, temperature=1.0, max_new_toke
     sampled = [SamplingParams(temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
                               seed=int(seeds[i * n + j]), stop=["\n"]) for i in range(len(rows)) for j in range(n)]
     greedy = [SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=["\n"])] * len(rows)
-    asked = [p for p in prompts for _ in range(n)] + prompts
-    texts = [c.text for c in generate_all(model, tokenizer, asked, sampled + greedy, batch)]
+    whole = [SamplingParams(temperature=0.0, max_new_tokens=WHOLE_REPLY_TOKENS)] * len(rows)
+    asked = [p for p in prompts for _ in range(n)] + prompts + prompts
+    done = generate_all(model, tokenizer, asked, sampled + greedy + whole, batch)
+    texts = [c.text for c in done]
     right = [[answer_reward(texts[i * n + j], r) for j in range(n)] for i, r in enumerate(rows)]
     greedy_right = [answer_reward(t, r) for t, r in zip(texts[len(sampled):], rows)]
+    replies = done[len(sampled) + len(rows):]
     out = {"pass1": proportion([sum(h) / n for h in right]),
            f"pass{k}": proportion([pass_at(n, int(sum(h)), k) for h in right]),
            "greedy": proportion(greedy_right),
+           "clean": proportion([clean_reward(c.text, r, c.finish_reason == "stop") for c, r in zip(replies, rows)]),
            "examples": [{"question": r["conversations"][-1]["content"], "expected": r["answer"],
                          "samples": texts[i * n:i * n + min(n, 3)], "right_of_n": int(sum(right[i]))}
                         for i, r in enumerate(rows[:4])]}

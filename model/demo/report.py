@@ -198,6 +198,7 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
     if "tools" in models:
         skill_measures(s, models, tok, files, manifest, ev)
     grpo_measures(grpo, models, tok, files, manifest, limit)
+    grpo.update(reward=getattr(args, "grpo_reward", "answer"), replay=bool(manifest["params"].get("grpo_replay")))
     s["transcript"] = transcript(models["grpo"], tok, ev)
 
     letters = [r["answer"] for r in M.read_ceval_keys(files["ceval_dir"])]
@@ -261,6 +262,8 @@ def grpo_measures(grpo, models, tok, files, manifest, limit):
     put(grpo, "pass8_after", after["pass8"])
     put(grpo, "greedy_before", before["greedy"])
     put(grpo, "greedy_after", after["greedy"])
+    put(grpo, "clean_before", before["clean"])
+    put(grpo, "clean_after", after["clean"])
     last = grpo["kl_curve"][-10:]
     grpo.update(task=TASK, pass_baseline=before["baseline"], examples_before=before["examples"],
                 examples_after=after["examples"], kl_final=round(sum(kl for _, kl in last) / len(last), 5),
@@ -434,13 +437,18 @@ def skill_lines(s):
 
 def grpo_lines(g):
     return ["", "## GRPO: rewards a program checks", "",
-            f"Task `{g['task']}`: GRPO samples 8 answers to questions about SFT entities and rewards the right ones; "
-            "measured on one question per fact about held-out entities, 8 answers sampled per question at the "
-            "rollouts' temperature 1.0.", "",
+            f"Task `{g['task']}`: GRPO samples 8 answers to questions about SFT entities"
+            + (" and to a replay of every earlier lesson" if g.get("replay") else "")
+            + f" and rewards them by `{g.get('reward', 'answer')}` (`answer`: the first answer is right; `clean`: the "
+            "whole reply ends by itself, does not loop, has no broken character and is in the question's language; "
+            "`*`: both); measured on one question per fact about held-out entities, 8 answers sampled per question "
+            "at the rollouts' temperature 1.0.", "",
             "| measure | n | before | after |", "|---|---|---|---|",
             f"| pass@1 | {g['pass1_after_n']} | {_cell(g, 'pass1_before')} | {_cell(g, 'pass1_after')} |",
             f"| pass@8 | {g['pass8_after_n']} | {_cell(g, 'pass8_before')} | {_cell(g, 'pass8_after')} |",
             f"| greedy answer right | {g['greedy_after_n']} | {_cell(g, 'greedy_before')} | {_cell(g, 'greedy_after')} |",
+            f"| whole greedy reply clean (ends by itself, no loop, no broken character) | {g['clean_after_n']} | "
+            f"{_cell(g, 'clean_before')} | {_cell(g, 'clean_after')} |",
             "", f"KL to the reference over the last 10 logged steps {g['kl_final']:.4f}; trivial baseline of these questions "
             f"{g['pass_baseline']:.3f}. Reward per step: ![reward](report_losses.png)"]
 

@@ -329,7 +329,7 @@ def check_names_are_private():
 
 
 def generate(out_dir="dataset/demo", seed=42, n_entities=120, heldout_frac=0.25, en_frac=0.25, mcq_drills=4,
-             rounds=1, mcq_pages=False, followup_pages=0.0, grpo_replay=False, repo_root="."):
+             rounds=1, mcq_pages=False, followup_pages=0.0, grpo_replay=True, repo_root="."):
     """Write the demo world into out_dir; returns the manifest (also written as manifest.json)."""
     from . import rows as R, unknowns as U
     world = build_world(seed, n_entities, heldout_frac, en_frac)
