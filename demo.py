@@ -117,8 +117,8 @@ class Pipeline:
 
 
 # the rough share of a default run's time each stage takes (measured on a 2-core CPU), for the time-left estimate
-WORK_SHARE = {"data": 0.02, "tokenizer": 0.02, "pretrain": 0.4, "sft": 0.12, "sft_multi": 0.1, "lora": 0.06,
-              "dpo": 0.05, "tools": 0.1, "grpo": 0.09, "ceval": 0.01, "ceval_cloze": 0.01, "export": 0.01}
+WORK_SHARE = {"data": 0.01, "tokenizer": 0.01, "pretrain": 0.25, "sft": 0.08, "sft_multi": 0.09, "lora": 0.05,
+              "dpo": 0.03, "tools": 0.08, "grpo": 0.42, "ceval": 0.01, "ceval_cloze": 0.01, "export": 0.01}
 
 
 def clock(seconds):

@@ -286,7 +286,8 @@ def test_demo_task_trains_on_sft_entities_and_measures_on_held_out_ones(tmp_path
     from model.demo.measure import has_term
     manifest = W.generate(str(tmp_path), seed=3, n_entities=64, repo_root=str(tmp_path))
     world = W.build_world(seed=3, n_entities=64)
-    files = {role: tmp_path / manifest["files"][role] for role in ("grpo", "eval_grpo", "eval_lora", "eval_abstain")}
+    files = {role: tmp_path / manifest["files"][role]
+             for role in ("grpo", "eval_grpo", "eval_lora", "eval_abstain", "eval_demo_questions")}
     train, held = ([json.loads(l) for l in open(files[role], encoding="utf-8")] for role in ("grpo", "eval_grpo"))
     assert {r.get("lesson") for r in train} == {None, *grpo_task.REPLAY}  # the replay is on by default
     plain = grpo_task.prompt_rows(world, 3, replay=False)  # --no-grpo_replay
@@ -308,6 +309,7 @@ def test_demo_task_trains_on_sft_entities_and_measures_on_held_out_ones(tmp_path
     for kind, share in grpo_task.REPLAY.items():
         assert len(lessons[kind]) == round(len(train) * share)
     evaluated = {json.loads(l)["prompt"] for f in ("eval_lora", "eval_abstain") for l in open(files[f], encoding="utf-8")}
+    evaluated |= {json.loads(l)["question"] for l in open(files["eval_demo_questions"], encoding="utf-8")}
     assert not {r["conversations"][-1]["content"] for r in rows} & evaluated
     for r in lessons["identity"][:5]:
         assert answer_reward(W.IDENTITY_ANSWER[r["lang"]], r) == 1.0 and answer_reward("我是一只鸟。", r) == 0.0
