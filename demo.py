@@ -191,8 +191,9 @@ def training_chain(args, out, files, tokenizer, vocab, name):
         chain.append(("tools", ["3-full_sft.py", *common, "--init", chain[-1][2], "--out_name", "full_sft_tools",
                                 "--data_path", files["sft_tools"], "--epochs", ep(2), "--batch_size", 16,
                                 "--learning_rate", args.tools_lr], out / name("full_sft_tools")))
-    chain.append(("grpo", ["6-grpo_train.py", *every_step, "--init", chain[-1][2], "--data_path", files["grpo"], "--reward", args.grpo_reward,
-                           "--batch_size", args.grpo_batch, "--num_generations", 8, "--max_new_tokens", 40,
+    chain.append(("grpo", ["6-grpo_train.py", *every_step, "--init", chain[-1][2], "--data_path", files["grpo"],
+                           "--reward", args.grpo_reward, "--batch_size", args.grpo_batch, "--num_generations", 8,
+                           "--max_new_tokens", 40,
                            "--learning_rate", args.grpo_lr, "--max_steps", max(1, round(args.grpo_steps * args.scale)),
                            "--warmup_iters", 5], out / name("grpo")))
     return chain

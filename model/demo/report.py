@@ -447,7 +447,8 @@ def grpo_lines(g):
             f"| pass@1 | {g['pass1_after_n']} | {_cell(g, 'pass1_before')} | {_cell(g, 'pass1_after')} |",
             f"| pass@8 | {g['pass8_after_n']} | {_cell(g, 'pass8_before')} | {_cell(g, 'pass8_after')} |",
             f"| greedy answer right | {g['greedy_after_n']} | {_cell(g, 'greedy_before')} | {_cell(g, 'greedy_after')} |",
-            f"| whole greedy reply clean (ends by itself, no loop, no broken character) | {g['clean_after_n']} | "
+            f"| whole greedy reply clean (ends by itself, no loop or broken character, the question's language) | "
+            f"{g['clean_after_n']} | "
             f"{_cell(g, 'clean_before')} | {_cell(g, 'clean_after')} |",
             "", f"KL to the reference over the last 10 logged steps {g['kl_final']:.4f}; trivial baseline of these questions "
             f"{g['pass_baseline']:.3f}. Reward per step: ![reward](report_losses.png)"]
