@@ -198,7 +198,7 @@ def measure(args, out, files, manifest, tokenizer_dir, names, metrics):
     if "tools" in models:
         skill_measures(s, models, tok, files, manifest, ev)
     grpo_measures(grpo, models, tok, files, manifest, limit)
-    grpo.update(reward=getattr(args, "grpo_reward", "answer"), replay=bool(manifest["params"].get("grpo_replay")))
+    grpo.update(reward=args.grpo_reward, replay=bool(manifest["params"].get("grpo_replay")))
     s["transcript"] = transcript(models["grpo"], tok, ev)
 
     letters = [r["answer"] for r in M.read_ceval_keys(files["ceval_dir"])]
@@ -448,8 +448,7 @@ def grpo_lines(g):
             f"| pass@8 | {g['pass8_after_n']} | {_cell(g, 'pass8_before')} | {_cell(g, 'pass8_after')} |",
             f"| greedy answer right | {g['greedy_after_n']} | {_cell(g, 'greedy_before')} | {_cell(g, 'greedy_after')} |",
             f"| whole greedy reply clean (ends by itself, no loop or broken character, the question's language) | "
-            f"{g['clean_after_n']} | "
-            f"{_cell(g, 'clean_before')} | {_cell(g, 'clean_after')} |",
+            f"{g['clean_after_n']} | {_cell(g, 'clean_before')} | {_cell(g, 'clean_after')} |",
             "", f"KL to the reference over the last 10 logged steps {g['kl_final']:.4f}; trivial baseline of these questions "
             f"{g['pass_baseline']:.3f}. Reward per step: ![reward](report_losses.png)"]
 
